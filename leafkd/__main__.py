@@ -1,0 +1,5 @@
+import sys
+
+from leafkd.cli import main
+
+sys.exit(main())

