@@ -1,0 +1,610 @@
+"""Training a student into the teacher's space (`train-embedder`).
+
+One run: read the corpus, capture the teacher's vectors (or open a store / black-box vectors), hold out a
+deterministic set of texts, build the student and warm-start its projection with ridge regression (step 0
+is the linear-map baseline), then minimise the configured losses with AdamW, warm-up and cosine decay.
+Checkpoints are whole-state (model, optimiser, schedule, data position, RNG) and written atomically, so a
+killed run resumes where it stopped and reaches the same weights as an uninterrupted one.
+
+Speed (the GPU path): texts are tokenised once; batches are grouped by length (little padding) and padded
+by a background thread into pinned memory; teacher vectors live on the device and are gathered by index;
+bf16 autocast and fused AdamW on CUDA; `torch.compile` on request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from leafkd import atomic
+from leafkd.alignment import alignment, cosine_rows
+from leafkd.capture import capture, capture_blackbox, check_store_for_teacher, pick_device
+from leafkd.data import Corpus, load_corpus, text_hash
+from leafkd.encode import Tokenized, _prefetch, encode_tokens, pad_batch, tokenize
+from leafkd.errors import LeafkdError
+from leafkd.losses import CombinedLoss, CosineLoss, LeafL2Loss, LELPHead, LELPLoss, MSELoss, RelationalLoss
+from leafkd.models import fingerprint, load_model, resolve_model
+from leafkd.store import VectorStore
+from leafkd.student import build_student, warm_start
+
+
+def _opt(default: Any, help: str, **kw) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `train-embedder`; a TOML file sets any of them, the command line overrides."""
+
+    teacher: str | None = _opt(None, "teacher model folder or installed name (omit with --teacher-vectors)")
+    data: list[str] = _opt([], "text sources PATH[#COLUMN][*WEIGHT]: .txt, .jsonl, .tsv or a BEIR folder (repeatable)")
+    vectors: str | None = _opt(None, "teacher-vector store folder (default: OUTPUT/teacher-vectors; captured if missing)")
+    teacher_vectors: str | None = _opt(None, "black-box teacher: .npy of vectors, row i for text i of --data")
+    student: str = _opt("all-MiniLM-L6-v2", "student base encoder: model folder or installed name")
+    student_layers: int | None = _opt(None, "keep only the first N layers of the student base")
+    projection: str = _opt("auto", "Dense projection to the teacher's dim: auto (when dims differ), always, none")
+    normalize: str = _opt("auto", "end the student with Normalize: auto (as the teacher), true, false")
+    query_prompt: str | None = _opt(None, "query prompt stored with the student (default: the teacher's 'query' prompt)")
+    max_seq_length: int | None = _opt(None, "student max tokens per text (default: the base's)")
+    output: str = _opt("runs/student", "run folder: checkpoints, metrics.jsonl, curves.png and model/")
+    max_texts: int | None = _opt(None, "use a seeded sample of this many unique texts")
+    heldout: int = _opt(2000, "texts held out for alignment metrics (never trained on)")
+    epochs: float = _opt(1.0, "passes over the training texts (fractions allowed)")
+    max_steps: int | None = _opt(None, "stop after this many optimiser steps (overrides epochs)")
+    batch_size: int = _opt(128, "texts per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per optimiser step")
+    lr: float = _opt(2e-4, "peak learning rate of the encoder")
+    projection_lr: float = _opt(1e-3, "peak learning rate of the projection layer")
+    warmup: float = _opt(0.05, "warm-up fraction of the steps")
+    weight_decay: float = _opt(0.01, "AdamW weight decay")
+    clip: float = _opt(1.0, "gradient norm clip (0: off)")
+    dropout: float = _opt(0.0, "dropout inside the student (0 makes training deterministic)")
+    leaf_l2: float = _opt(1.0, "weight of LEAF's squared-L2 loss")
+    mse: float = _opt(0.0, "weight of the per-dimension MSE loss")
+    cosine: float = _opt(0.0, "weight of the 1 - cosine loss")
+    lelp: float = _opt(0.0, "weight of the LELP pseudo-subclass projection loss")
+    lelp_classes: int = _opt(32, "LELP pseudo-classes (k-means on teacher vectors)")
+    lelp_subclasses: int = _opt(8, "LELP principal directions (pseudo-subclasses) per class")
+    lelp_temperature: float = _opt(0.05, "LELP softmax temperature")
+    relational: float = _opt(0.0, "weight of the in-batch relational KL loss")
+    relational_temperature: float = _opt(0.05, "relational softmax temperature")
+    ridge_alpha: float = _opt(1e-2, "relative ridge penalty of the projection warm start")
+    ridge_samples: int = _opt(20000, "texts used to fit the ridge warm start")
+    eval_every: int = _opt(200, "held-out evaluation every N steps (0: only at the start and end)")
+    log_every: int = _opt(20, "training log line every N steps")
+    checkpoint_every: int = _opt(500, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _opt(2, "checkpoints kept on disk")
+    resume: bool = _opt(True, "resume from the latest checkpoint in OUTPUT")
+    seed: int = _opt(0, "seed for sampling, held-out split and initialisation")
+    device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
+    precision: str = _opt("auto", "bf16 autocast on CUDA, fp32 on CPU (auto), or force bf16/fp32")
+    compile: bool = _opt(False, "torch.compile the student (CUDA)")
+    capture_batch_tokens: int | None = _opt(None, "token budget per teacher batch when capturing")
+    plot: bool = _opt(True, "write curves.png")
+    progress: bool = _opt(True, "show progress bars")
+
+    # Options that do not change the result: a resumed run may change them.
+    RESUME_FREE = ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "resume", "plot", "progress",
+                   "device", "max_steps", "epochs")
+
+    def result_key(self) -> str:
+        d = {k: v for k, v in asdict(self).items() if k not in self.RESUME_FREE}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a TOML file (top level or a [train] table) with keyword overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        import tomllib
+
+        path = Path(path)
+        if not path.exists():
+            raise LeafkdError(f"{path}: no such config file")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise LeafkdError(f"{path}: malformed TOML ({e})") from None
+        values.update(raw.get("train", raw))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise LeafkdError(f"unknown option(s) {', '.join(unknown)} in {path or 'overrides'}")
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.teacher is None and cfg.teacher_vectors is None and cfg.vectors is None:
+        raise LeafkdError("give a teacher (--teacher), a vector store (--vectors) or black-box vectors (--teacher-vectors)")
+    if not cfg.data and cfg.vectors is None:
+        raise LeafkdError("no training data: give --data (or --vectors of an existing store)")
+    for name in ("batch_size", "grad_accum"):
+        if getattr(cfg, name) < 1:
+            raise LeafkdError(f"{name} must be >= 1")
+    if cfg.lr <= 0 or cfg.projection_lr <= 0:
+        raise LeafkdError("learning rates must be > 0")
+    if cfg.heldout < 10:
+        raise LeafkdError("heldout must be >= 10")
+    if cfg.projection not in ("auto", "always", "none"):
+        raise LeafkdError(f"projection must be auto, always or none, not {cfg.projection!r}")
+    if str(cfg.normalize).lower() not in ("auto", "true", "false"):
+        raise LeafkdError(f"normalize must be auto, true or false, not {cfg.normalize!r}")
+    weights = [cfg.leaf_l2, cfg.mse, cfg.cosine, cfg.lelp, cfg.relational]
+    if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+        raise LeafkdError("loss weights must be >= 0 with at least one > 0")
+
+
+# -- data ------------------------------------------------------------------------------------------------
+@dataclass
+class TrainData:
+    texts: list[str]
+    teacher: np.ndarray  # float16 [n, D], row-aligned with texts
+    weights: np.ndarray  # expected visits per epoch
+    train_idx: np.ndarray
+    heldout_idx: np.ndarray
+    fingerprint: str
+    teacher_meta: dict
+
+
+def prepare_data(cfg: TrainConfig, out: Path, log) -> TrainData:
+    corpus: Corpus | None = load_corpus(cfg.data, cfg.max_texts, cfg.seed) if cfg.data else None
+    store_path = Path(cfg.vectors) if cfg.vectors else out / "teacher-vectors"
+    if cfg.teacher_vectors:
+        if corpus is None:
+            raise LeafkdError("--teacher-vectors needs --data: the texts the vectors embed")
+        if cfg.max_texts is not None:
+            raise LeafkdError("--max-texts cannot be combined with --teacher-vectors (rows must match the texts)")
+        store = capture_blackbox(corpus.texts, cfg.teacher_vectors, store_path)
+    elif corpus is not None and cfg.teacher is not None:
+        log(f"capturing teacher vectors into {store_path}")
+        store = capture(cfg.teacher, corpus, store_path, prompt=None, batch_tokens=cfg.capture_batch_tokens,
+                        device=cfg.device, show_progress=cfg.progress)
+    else:
+        store = VectorStore.open(store_path)
+        if cfg.teacher is not None:
+            check_store_for_teacher(store, cfg.teacher)
+    texts = store.texts()
+    vectors = np.asarray(store.vectors())
+    if corpus is not None:
+        # Train on exactly the corpus's texts (a shared store may hold more), with the corpus's weights.
+        position = {t: i for i, t in enumerate(texts)}
+        missing = [t for t in corpus.texts if t not in position]
+        if missing:
+            raise LeafkdError(f"{store.path}: {len(missing)} texts of the data have no stored teacher vector")
+        rows = np.fromiter((position[t] for t in corpus.texts), dtype=np.int64, count=len(corpus))
+        texts, vectors, weights = corpus.texts, vectors[rows], corpus.weights
+    else:
+        weights = np.ones(len(texts))
+    if not np.isfinite(vectors.astype(np.float32)).all():
+        raise LeafkdError(f"{store.path}: stored vectors contain NaN or inf")
+    n = len(texts)
+    if n < cfg.heldout + 10:
+        raise LeafkdError(f"{n} texts is too few for {cfg.heldout} held out; lower --heldout or add data")
+    # Held-out texts are chosen by content hash, so the split does not depend on file order.
+    keys = np.array([int.from_bytes(text_hash(f"{cfg.seed}:{t}")[:8], "little") for t in texts], dtype=np.uint64)
+    order = np.argsort(keys, kind="stable")
+    heldout_idx = np.sort(order[: cfg.heldout])
+    train_idx = np.sort(order[cfg.heldout :])
+    return TrainData(texts, vectors, weights, train_idx, heldout_idx, store.fingerprint, dict(store.manifest))
+
+
+class LengthGroupedBatches:
+    """Per-epoch batches: weighted, shuffled, then grouped by length within windows of 64 batches.
+
+    Epoch e is a pure function of (seed, e), so a resumed run rebuilds it and skips what it had done.
+    """
+
+    def __init__(self, indices: np.ndarray, weights: np.ndarray, lengths: np.ndarray, batch_size: int, seed: int):
+        self.indices, self.weights, self.lengths = indices, weights, lengths
+        self.batch_size, self.seed = batch_size, seed
+
+    def epoch(self, e: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, e])
+        w = self.weights[self.indices]
+        copies = np.floor(w).astype(np.int64) + (rng.random(len(w)) < (w - np.floor(w)))
+        items = np.repeat(self.indices, copies)
+        rng.shuffle(items)
+        window = self.batch_size * 64
+        batches = []
+        for start in range(0, len(items), window):
+            chunk = items[start : start + window]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+        order = rng.permutation(len(batches))
+        return [batches[i] for i in order]
+
+    def expected_batches(self) -> int:
+        total = float(self.weights[self.indices].sum())
+        return max(1, math.ceil(total / self.batch_size))
+
+
+# -- model -----------------------------------------------------------------------------------------------
+def _set_dropout(model: torch.nn.Module, p: float) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+
+
+def make_loss(cfg: TrainConfig, teacher_sample: np.ndarray) -> CombinedLoss:
+    parts: dict[str, tuple[float, torch.nn.Module]] = {}
+    if cfg.leaf_l2 > 0:
+        parts["leaf_l2"] = (cfg.leaf_l2, LeafL2Loss())
+    if cfg.mse > 0:
+        parts["mse"] = (cfg.mse, MSELoss())
+    if cfg.cosine > 0:
+        parts["cosine"] = (cfg.cosine, CosineLoss())
+    if cfg.lelp > 0:
+        head = LELPHead.fit(teacher_sample, cfg.lelp_classes, cfg.lelp_subclasses, seed=cfg.seed)
+        parts["lelp"] = (cfg.lelp, LELPLoss(head, cfg.lelp_temperature))
+    if cfg.relational > 0:
+        parts["relational"] = (cfg.relational, RelationalLoss(cfg.relational_temperature))
+    return CombinedLoss(parts)
+
+
+def _param_groups(model, cfg: TrainConfig) -> list[dict]:
+    proj, enc_decay, enc_no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "linear" in name and not name.startswith("0."):
+            proj.append(p)
+        elif p.ndim < 2:
+            enc_no_decay.append(p)
+        else:
+            enc_decay.append(p)
+    return [
+        {"params": enc_decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": enc_no_decay, "lr": cfg.lr, "weight_decay": 0.0},
+        {"params": proj, "lr": cfg.projection_lr, "weight_decay": 0.0},
+    ]
+
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    w = max(1, int(total * warmup))
+    if step < w:
+        return (step + 1) / w
+    progress = min(1.0, (step - w) / max(1, total - w))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------
+def _checkpoints(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.name.startswith("step-") and (p / "state.pt").exists()),
+                  key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(out: Path, state: dict, keep: int) -> None:
+    target = out / "checkpoints" / f"step-{state['step']:08d}"
+    with atomic.atomic_dir(target) as tmp:
+        torch.save(state, tmp / "state.pt")
+    for old in _checkpoints(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+class MetricsLog:
+    """Append-only JSONL of training and evaluation records (truncated to the resumed step on resume)."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        self.records: list[dict] = []
+        if path.exists() and resume_step is not None:
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("step", 0) <= resume_step:
+                    self.records.append(rec)
+        atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("type") == "train"]
+    evals = [r for r in records if r.get("type") == "eval"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    if train:
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("training loss")
+    axes[0].set_yscale("log")
+    if evals:
+        steps = [r["step"] for r in evals]
+        axes[1].plot(steps, [r["heldout_cos_mean"] for r in evals], marker="o", label="mean cosine")
+        axes[1].plot(steps, [r["heldout_cos_p5"] for r in evals], marker=".", label="5th pct cosine")
+        axes[1].plot(steps, [r["top10_agreement"] for r in evals], marker="x", label="top-10 agreement")
+        axes[1].legend(loc="lower right")
+    axes[1].set_xlabel("step")
+    axes[1].set_title("held-out alignment to the teacher")
+    fig.tight_layout()
+    with atomic.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type != "cuda"):
+        return None
+    if cfg.precision in ("auto", "bf16"):
+        return torch.bfloat16
+    raise LeafkdError(f"precision must be auto, bf16 or fp32, not {cfg.precision!r}")
+
+
+def evaluate_student(model, tokens: Tokenized, teacher: np.ndarray, device: torch.device) -> dict[str, float]:
+    vecs = encode_tokens(model, tokens, device=device)
+    return alignment(vecs, teacher.astype(np.float32))
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Run (or resume) training; returns the final held-out metrics and the model folder."""
+    validate(cfg)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    data = prepare_data(cfg, out, log)
+    teacher_dim = data.teacher.shape[1]
+
+    normalize = str(cfg.normalize).lower()
+    teacher_model_meta: dict[str, Any] = {"teacher": data.teacher_meta.get("teacher")}
+    query_prompt = cfg.query_prompt
+    teacher_normalizes = None
+    if cfg.teacher is not None:
+        teacher_path = resolve_model(cfg.teacher)
+        teacher_cfg_modules = json.loads((teacher_path / "modules.json").read_text()) if (teacher_path / "modules.json").exists() else []
+        teacher_normalizes = any(m.get("type", "").endswith("Normalize") for m in teacher_cfg_modules)
+        if query_prompt is None:
+            st_cfg = teacher_path / "config_sentence_transformers.json"
+            prompts = json.loads(st_cfg.read_text()).get("prompts", {}) if st_cfg.exists() else {}
+            query_prompt = prompts.get("query") or None
+        teacher_model_meta["teacher"] = str(teacher_path)
+    if normalize == "auto":
+        if teacher_normalizes is None:
+            norms = np.linalg.norm(data.teacher[:1000].astype(np.float32), axis=1)
+            teacher_normalizes = bool(np.allclose(norms, 1.0, atol=1e-2))
+        use_norm = teacher_normalizes
+    else:
+        use_norm = normalize == "true"
+
+    student = build_student(cfg.student, teacher_dim, layers=cfg.student_layers, normalize=use_norm,
+                            projection=cfg.projection, max_seq_length=cfg.max_seq_length)
+    if query_prompt:
+        student.prompts = {**student.prompts, "query": query_prompt}
+    _set_dropout(student, cfg.dropout)
+    tokens, truncated = tokenize(student, data.texts)
+    lengths = tokens.lengths
+    heldout_tokens = tokens.take(data.heldout_idx)
+    heldout_teacher = data.teacher[data.heldout_idx]
+    log(f"{len(data.texts)} texts ({len(data.train_idx)} train, {len(data.heldout_idx)} held out), "
+        f"teacher dim {teacher_dim}, {truncated} texts truncated to {student.max_seq_length} tokens")
+
+    sampler = LengthGroupedBatches(data.train_idx, data.weights, lengths, cfg.batch_size, cfg.seed)
+    micro_per_epoch = sampler.expected_batches()
+    steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
+
+    rng = np.random.default_rng(cfg.seed)
+    teacher_sample_idx = np.sort(rng.choice(data.train_idx, size=min(len(data.train_idx), max(cfg.ridge_samples, 1)), replace=False))
+    loss_fn = make_loss(cfg, data.teacher[teacher_sample_idx].astype(np.float32))
+
+    ckpts = _checkpoints(out) if cfg.resume else []
+    state = None
+    if ckpts:
+        state = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
+        if state["result_key"] != cfg.result_key():
+            raise LeafkdError(f"{out} holds a run with other settings; use --no-resume or another --output")
+        student.load_state_dict(state["model"])
+        log(f"resuming from {ckpts[-1].name}")
+    elif not cfg.resume and (out / "checkpoints").exists():
+        shutil.rmtree(out / "checkpoints")
+
+    student.to(device)
+    loss_fn.to(device)
+    if state is None:
+        # Step 0 is the ridge map: the baseline a trained student must beat.
+        warm_start(student, [data.texts[i] for i in teacher_sample_idx], data.teacher[teacher_sample_idx].astype(np.float32),
+                   alpha=cfg.ridge_alpha)
+    student.train()
+    _set_dropout(student, cfg.dropout)
+
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(_param_groups(student, cfg), betas=(0.9, 0.999), eps=1e-8, fused=fused)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    step, epoch, position = 0, 0, 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+        _set_rng_state(state["rng"])
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None)
+    if state is None:
+        metrics.records.clear()
+        atomic.write_text(out / "metrics.jsonl", "")
+
+    teacher_dev = torch.from_numpy(np.ascontiguousarray(data.teacher)).to(device)
+    autocast = _autocast_dtype(cfg, device)
+    forward = student
+    if cfg.compile:
+        forward = torch.compile(student, dynamic=True)
+    pad_id = student.tokenizer.pad_token_id or 0
+
+    def run_eval() -> dict:
+        student.eval()
+        result = evaluate_student(student, heldout_tokens, heldout_teacher, device)
+        student.train()
+        _set_dropout(student, cfg.dropout)
+        record = {"type": "eval", "step": step, **result}
+        metrics.write(record)
+        log(f"step {step}: held-out cos {result['heldout_cos_mean']:.4f} (p5 {result['heldout_cos_p5']:.4f}), "
+            f"top-10 agreement {result['top10_agreement']:.3f}")
+        return result
+
+    if state is None:
+        baseline = run_eval()
+        baseline_record = {"type": "baseline", "step": 0, "name": "ridge", **baseline}
+        metrics.write(baseline_record)
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", smoothing=0.05)
+
+    def batch_stream(start_epoch: int, start_pos: int):
+        e, pos = start_epoch, start_pos
+        while True:
+            batches = sampler.epoch(e)
+            todo = batches[pos:]
+
+            def make(k: int, todo=todo) -> dict:
+                idx = todo[k]
+                ids, mask = pad_batch(tokens, idx, pad_id)
+                item = {"idx": torch.from_numpy(idx), "ids": torch.from_numpy(ids), "mask": torch.from_numpy(mask),
+                        "real_tokens": int(lengths[idx].sum())}
+                if device.type == "cuda":
+                    for key in ("idx", "ids", "mask"):
+                        item[key] = item[key].pin_memory()
+                return item
+
+            for k, item in enumerate(_prefetch(make, len(todo))):
+                yield e, pos + k + 1, item
+            e, pos = e + 1, 0
+
+    stream = batch_stream(epoch, position)
+    skipped = 0
+    t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    try:
+        while step < total_steps:
+            factor = lr_factor(step, total_steps, cfg.warmup)
+            for g, base in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base * factor
+            optimizer.zero_grad(set_to_none=True)
+            total = None
+            for _ in range(cfg.grad_accum):
+                epoch, position, item = next(stream)
+                ids = item["ids"].to(device, non_blocking=True)
+                mask = item["mask"].to(device, non_blocking=True)
+                target = teacher_dev[item["idx"].to(device, non_blocking=True)].float()
+                with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                    emb = forward({"input_ids": ids, "attention_mask": mask})["sentence_embedding"]
+                loss, _parts = loss_fn(emb.float(), target)
+                (loss / cfg.grad_accum).backward()
+                total = loss.detach() if total is None else total + loss.detach()
+                samples_since += len(item["idx"])
+                tokens_since += item["real_tokens"]
+            total = total / cfg.grad_accum
+            if not torch.isfinite(total):
+                # NaN/inf guard: drop this step's update; stop if it keeps happening.
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                if skipped > 20:
+                    raise LeafkdError(f"training diverged: {skipped} steps with non-finite loss; lower --lr")
+            else:
+                if cfg.clip > 0:
+                    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip)
+                optimizer.step()
+                loss_sum += total
+                loss_count += 1
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                mean_loss = float(loss_sum / max(loss_count, 1))
+                rec = {"type": "train", "step": step, "epoch": epoch, "loss": mean_loss,
+                       "lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples_since / (now - t_last),
+                       "tokens_per_s": tokens_since / (now - t_last), "skipped_steps": skipped}
+                metrics.write(rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean_loss:.4g}", sps=f"{rec['samples_per_s']:.0f}")
+                loss_sum.zero_()
+                loss_count = 0
+                t_last, samples_since, tokens_since = now, 0, 0
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                run_eval()
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+                save_checkpoint(out, {"step": step, "epoch": epoch, "position": position, "model": student.state_dict(),
+                                      "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+                                      "result_key": cfg.result_key(), "config": asdict(cfg)}, cfg.keep_checkpoints)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    final = run_eval()
+    baseline = next((r for r in metrics.records if r.get("type") == "baseline"), None)
+    model_dir = out / "model"
+    info = {
+        "leafkd_version": __import__("leafkd").__version__,
+        "teacher": teacher_model_meta["teacher"],
+        "teacher_fingerprint": data.fingerprint,
+        "teacher_dim": teacher_dim,
+        "student_dim": teacher_dim,
+        "base": str(resolve_model(cfg.student)),
+        "base_layers": cfg.student_layers,
+        "normalize": use_norm,
+        "query_prompt": query_prompt,
+        "losses": {k: v for k, v in loss_fn.weights.items()},
+        "data": cfg.data,
+        "texts": len(data.texts),
+        "heldout": len(data.heldout_idx),
+        "steps": step,
+        "config": asdict(cfg),
+        "metrics": {"final": final, "ridge_baseline": {k: baseline[k] for k in final} if baseline else None},
+    }
+    with atomic.atomic_dir(model_dir) as tmp:
+        student.to("cpu").save(str(tmp))
+        atomic.write_json(tmp / "leafkd.json", info)
+    save_checkpoint(out, {"step": step, "epoch": epoch, "position": position, "model": student.state_dict(),
+                          "optimizer": optimizer.state_dict(), "rng": _rng_state(), "result_key": cfg.result_key(),
+                          "config": asdict(cfg)}, cfg.keep_checkpoints)
+    if cfg.plot:
+        plot_curves(metrics.records, out / "curves.png")
+    return {"model": str(model_dir), "final": final, "ridge_baseline": info["metrics"]["ridge_baseline"], "steps": step}

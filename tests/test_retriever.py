@@ -1,0 +1,97 @@
+"""Retriever: modes, fingerprint checks, batch search against brute force, known-relevant Cranfield documents."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import retrieval_support as S
+from leafkd.errors import LeafkdError
+from leafkd.retriever import QueryEncoder, Retriever
+
+# Cranfield queries whose judged-relevant documents this teacher ranks in the top 10.
+KNOWN = {"1": {"13", "51", "184"}, "5": {"552"}, "15": {"462", "463"}, "17": {"106"}}
+
+
+@pytest.fixture(scope="module")
+def retriever():
+    return Retriever.load(S.cranfield_index(), student=S.student_dir())
+
+
+def test_asymmetric_matches_brute_force(retriever):
+    rs = S.cranfield()
+    qids = list(rs.queries)[:30]
+    texts = [rs.queries[q] for q in qids]
+    hits = retriever.search(texts, top_k=10)
+    # the aligned student shares the teacher's weights, so brute force with teacher query vectors is the truth
+    from leafkd.encode import encode
+
+    want_ids, want_scores = S.brute_force(encode(S.teacher_model(), texts), 10)
+    for hs, wi, ws in zip(hits, want_ids, want_scores):
+        assert S.same_ranking([h.id for h in hs], [h.score for h in hs], wi, ws, tol=2e-4)
+        assert all(h.text == S.cranfield().corpus[h.id]["text"] for h in hs)
+    by_id = dict(zip(qids, hits))
+    for qid, relevant in KNOWN.items():
+        assert relevant & {h.id for h in by_id[qid]}, f"query {qid}: none of {relevant} in the top 10"
+
+
+def test_batch_shapes(retriever):
+    assert retriever.search([], top_k=5) == []
+    res = retriever.search(["shock waves", "boundary layer transition"], top_k=3)
+    assert [len(r) for r in res] == [3, 3]
+    assert all(r[0].score >= r[1].score >= r[2].score for r in res)
+    big = retriever.search(["shock"], top_k=5000)[0]
+    assert len(big) == 1398 and len({h.id for h in big}) == 1398
+    with pytest.raises(LeafkdError):
+        retriever.search(["x"], top_k=0)
+    info = retriever.info()
+    assert info["mode"] == "asymmetric" and info["documents"] == 1398 and info["index_device"] == "cpu"
+
+
+def test_lean_encoder_matches_encode(retriever):
+    from leafkd.encode import encode
+
+    texts = ["a", "what similarity laws must be obeyed when constructing aeroelastic models of heated high speed aircraft"] * 3
+    got = retriever.embed(texts)
+    want = encode(S.teacher_model(), texts)
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_foreign_student_is_refused(capsys):
+    with pytest.raises(LeafkdError, match="trained for teacher 'some/other-teacher'"):
+        Retriever.load(S.cranfield_index(), student=S.foreign_student_dir())
+    with pytest.raises(LeafkdError, match="not a leafkd student"):
+        Retriever.load(S.cranfield_index(), student=S.plain_model_dir())
+    r = Retriever.load(S.cranfield_index(), student=S.foreign_student_dir(), allow_fingerprint_mismatch=True)
+    assert "warning:" in capsys.readouterr().err
+    assert len(r.search(["wing flutter"], 2)[0]) == 2
+
+
+def test_teacher_and_student_modes(minilm_path):
+    t = Retriever.load(S.cranfield_index(), teacher=S.teacher_dir(), mode="teacher")
+    assert t.mode == "teacher" and t.search(["heat transfer"], 1)[0][0].id
+    # the teacher recorded in the manifest is used by default
+    assert Retriever.load(S.cranfield_index(), mode="teacher").encoder.name == str(S.teacher_dir())
+    # the stock MiniLM folder (other max_seq_length) did not build this index
+    with pytest.raises(LeafkdError, match="is not the model that built the index"):
+        Retriever.load(S.cranfield_index(), teacher=minilm_path, mode="teacher")
+    # mode student: the student's own index (the copy has the teacher's weights and config, so it qualifies)
+    s = Retriever.load(S.cranfield_index(), student=S.student_dir(), mode="student")
+    assert s.mode == "student"
+    with pytest.raises(LeafkdError, match="is not the model that built the index"):
+        Retriever.load(S.cranfield_index(), student=minilm_path, mode="student")
+    with pytest.raises(LeafkdError, match="needs a student"):
+        Retriever.load(S.cranfield_index(), mode="asymmetric")
+    with pytest.raises(LeafkdError, match="unknown mode"):
+        Retriever.load(S.cranfield_index(), student=S.student_dir(), mode="sideways")
+
+
+def test_dimension_mismatch_refused(tmp_path):
+    from leafkd.index import build_index
+
+    folder = build_index(tmp_path / "ix", S.cranfield_docs()[:20], vectors=np.eye(20, 16, dtype=np.float32),
+                         teacher_fingerprint=S.teacher_fp(), log=lambda m: None)
+    with pytest.raises(LeafkdError, match="384-d vectors, the index is 16-d"):
+        Retriever.load(folder, student=S.student_dir())

@@ -1,0 +1,138 @@
+"""Training: the student loads as a plain SentenceTransformer, beats the ridge start, resumes identically."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from leafkd.errors import LeafkdError
+from leafkd.student import build_student, ridge_fit
+from leafkd.train import LengthGroupedBatches, load_config, lr_factor, train
+
+
+@pytest.fixture(scope="module")
+def texts_file(tmp_path_factory, data_dir):
+    lines = (data_dir / "train" / "questions.tsv").read_text().splitlines()[1:3001:10]
+    lines = [l.split("\t")[0] for l in lines]
+    path = tmp_path_factory.mktemp("train") / "texts.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _args(texts_file, minilm_path, out, **extra):
+    args = {"teacher": str(minilm_path), "student": str(minilm_path), "student_layers": 1, "projection": "always",
+            "data": [str(texts_file)], "heldout": 60, "epochs": 2.0, "batch_size": 16, "lr": 5e-4,
+            "projection_lr": 5e-4, "eval_every": 0, "checkpoint_every": 6, "output": str(out), "progress": False,
+            "plot": False, "device": "cpu"}
+    args.update(extra)
+    return args
+
+
+def _cli(args):
+    out = []
+    for k, v in args.items():
+        flag = "--" + k.replace("_", "-")
+        for item in v if isinstance(v, list) else [v]:
+            out += [flag, str(item).lower() if isinstance(item, bool) else str(item)]
+    return out
+
+
+def test_ridge_fit_recovers_linear_map():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 8))
+    w = rng.normal(size=(5, 8))
+    y = x @ w.T + 3.0
+    w_hat, b_hat = ridge_fit(x, y, alpha=1e-8)
+    assert np.allclose(w_hat, w, atol=1e-3) and np.allclose(b_hat, 3.0, atol=1e-3)
+
+
+def test_student_structure_and_save_load(tmp_path, minilm_path):
+    from sentence_transformers import SentenceTransformer
+
+    s = build_student(minilm_path, 768, layers=2, normalize=True)
+    assert len(s[0].auto_model.encoder.layer) == 2
+    assert [type(m).__name__ for m in s] == ["Transformer", "Pooling", "Dense", "Normalize"]
+    s.save(str(tmp_path / "s"))
+    again = SentenceTransformer(str(tmp_path / "s"), device="cpu")
+    a, b = s.encode(["a test sentence"]), again.encode(["a test sentence"])
+    assert a.shape == (1, 768) and np.allclose(a, b, atol=1e-6)
+    same = build_student(minilm_path, 384, projection="auto")
+    assert [type(m).__name__ for m in same] == ["Transformer", "Pooling"]
+
+
+def test_schedule_and_batches():
+    assert lr_factor(0, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 100, 0.1) == pytest.approx(0.0)
+    idx = np.arange(100)
+    sampler = LengthGroupedBatches(idx, np.r_[np.full(50, 2.0), np.full(50, 0.5)], np.arange(100) % 17, 8, seed=3)
+    e0 = np.concatenate(sampler.epoch(0))
+    assert np.array_equal(e0, np.concatenate(LengthGroupedBatches(idx, sampler.weights, sampler.lengths, 8, 3).epoch(0)))
+    counts = np.bincount(e0, minlength=100)
+    assert (counts[:50] == 2).all() and set(counts[50:]) <= {0, 1}
+
+
+def test_train_beats_ridge_and_writes_outputs(tmp_path, texts_file, minilm_path):
+    from sentence_transformers import SentenceTransformer
+
+    out = tmp_path / "run"
+    result = train(load_config(None, **_args(texts_file, minilm_path, out, epochs=4.0, plot=True)), log=lambda *a: None)
+    final, ridge = result["final"], result["ridge_baseline"]
+    assert final["heldout_cos_mean"] > ridge["heldout_cos_mean"] + 0.01
+    model_dir = out / "model"
+    info = json.loads((model_dir / "leafkd.json").read_text())
+    assert info["teacher_dim"] == 384 and len(info["teacher_fingerprint"]) == 64
+    assert info["metrics"]["final"]["heldout_cos_mean"] == pytest.approx(final["heldout_cos_mean"])
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    assert model.encode(["x"]).shape == (1, 384)
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["type"] == "train" for r in records) and records[-1]["type"] == "eval"
+    assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_resume_after_kill_is_identical(tmp_path, texts_file, minilm_path):
+    ref_out, out = tmp_path / "ref", tmp_path / "killed"
+    train(load_config(None, **_args(texts_file, minilm_path, ref_out)), log=lambda *a: None)
+    cmd = [sys.executable, "-m", "leafkd", "train", *_cli(_args(texts_file, minilm_path, out, checkpoint_every=3))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        ckpts = list((out / "checkpoints").glob("step-*/state.pt")) if (out / "checkpoints").exists() else []
+        if any(int(p.parent.name.split("-")[1]) >= 6 for p in ckpts):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert not (out / "model").exists(), "the run finished before it could be killed"
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a = torch.load(sorted((ref_out / "checkpoints").glob("step-*"))[-1] / "state.pt", weights_only=False)["model"]
+    b = torch.load(sorted((out / "checkpoints").glob("step-*"))[-1] / "state.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_options_are_one_line_errors(tmp_path, texts_file, minilm_path):
+    cases = [
+        {"data": [str(tmp_path / "missing.txt")]},
+        {"student": str(tmp_path)},
+        {"leaf_l2": 0.0},
+        {"heldout": 100000},
+    ]
+    for extra in cases:
+        args = _args(texts_file, minilm_path, tmp_path / "bad", **extra)
+        r = subprocess.run([sys.executable, "-m", "leafkd", "train", *_cli(args)], capture_output=True, text=True)
+        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        assert r.returncode == 2 and lines and lines[-1].startswith("error: "), (extra, r.stderr[-1500:])
+        assert "Traceback" not in r.stderr
+    with pytest.raises(LeafkdError, match="unknown option"):
+        load_config(None, bogus=1)
+    (tmp_path / "c.toml").write_text("lr = [\n")
+    with pytest.raises(LeafkdError, match="malformed TOML"):
+        load_config(tmp_path / "c.toml")
