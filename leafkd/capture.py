@@ -62,7 +62,7 @@ def capture(teacher: str | Path, corpus: Corpus, out: str | Path, *, prompt: str
         model = load_model(teacher_path, device=str(dev))
         if dev.type == "cuda":
             model.to(torch.bfloat16)  # a capture-only copy: half-precision weights, no autocast overhead
-    dim = model.get_sentence_embedding_dimension()
+    dim = (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)()
     store = _open_or_create(out, fp, dim, {"teacher": str(teacher_path), "prompt": prompt, "normalize": normalize,
                                            "max_seq_length": max_seq_length(model), "truncated": 0})
     todo = _remaining(store, corpus.texts)

@@ -90,16 +90,14 @@ def plan_batches(lengths: np.ndarray, batch_tokens: int, max_batch: int = 4096) 
 
 
 def pad_batch(tokens: Tokenized, index: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded ids and attention mask for the texts in `index`."""
+    """Right-padded ids and attention mask for the texts in `index` (vectorised gather, no Python loop)."""
     lengths = tokens.lengths[index]
     width = int(lengths.max()) if len(index) else 0
-    ids = np.full((len(index), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(index), width), dtype=np.int64)
-    for row, (i, n) in enumerate(zip(index, lengths)):
-        start = tokens.offsets[i]
-        ids[row, :n] = tokens.ids[start : start + n]
-        mask[row, :n] = 1
-    return ids, mask
+    cols = np.arange(width)
+    mask = cols[None, :] < lengths[:, None]
+    pos = np.minimum(tokens.offsets[index][:, None] + cols[None, :], max(len(tokens.ids) - 1, 0))
+    ids = np.where(mask, tokens.ids[pos] if len(tokens.ids) else pad_id, pad_id).astype(np.int64)
+    return ids, mask.astype(np.int64)
 
 
 def _prefetch(make: Callable[[int], dict], count: int, depth: int = 4) -> Iterator[dict]:

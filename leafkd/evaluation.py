@@ -991,6 +991,10 @@ def _versions() -> dict[str, str | None]:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = None
+    if out["leafkd"] is None:
+        import leafkd
+
+        out["leafkd"] = leafkd.__version__
     return out
 
 

@@ -383,6 +383,10 @@ class DocIndex:
     def teacher_fingerprint(self) -> str:
         return str(self.manifest["teacher_fingerprint"])
 
+    def accepts_fingerprint(self, fp: str | None) -> bool:
+        """Whether vectors from a teacher with fingerprint ``fp`` (any capture prompt/normalisation) share this space."""
+        return fp is not None and (fp == self.teacher_fingerprint or fp in self.manifest.get("teacher_fingerprints", {}))
+
     def nbytes(self) -> int:
         """Bytes of the index file (a good proxy for its memory)."""
         if self.path is None:
@@ -424,7 +428,9 @@ class DocIndex:
         k = min(top_k + tomb, ntotal)  # over-fetch past tombstones so top_k live rows remain
         if k <= 0 or len(queries) == 0:
             return [[] for _ in range(len(queries))], [[] for _ in range(len(queries))]
-        scores, labels = self.search_index.search(queries, k)
+        # FAISS GPU indexes cap k (2048); a deeper search runs on the CPU copy.
+        engine = self.search_index if k <= 2048 or self.search_index is self.index else self.index
+        scores, labels = engine.search(queries, k)
         if self.manifest["labels"] == "keys":
             pos = np.searchsorted(self.keys, labels)
             pos = np.minimum(pos, len(self.keys) - 1)
@@ -579,6 +585,7 @@ def build_index(name_or_path: str | Path, corpus: str | Path | Sequence[Document
     if use_gpu and gpu_count() == 0:
         raise LeafkdError("--gpu asked, but FAISS sees no GPU (is faiss-gpu installed and CUDA visible?)")
     teacher_name = None
+    variants: dict[str, dict] = {}
     if vectors is not None:
         vec_path = Path(vectors) if isinstance(vectors, (str, Path)) else None
         arr = np.load(vec_path) if vec_path is not None else np.asarray(vectors)
@@ -600,6 +607,11 @@ def build_index(name_or_path: str | Path, corpus: str | Path | Sequence[Document
             if tpath is None:
                 raise LeafkdError("an in-memory teacher model needs teacher_fingerprint")
             teacher_fingerprint = fingerprint(tpath)
+            # Students record the fingerprint of the teacher *as captured* (leafkd.capture folds the capture
+            # prompt and normalisation into it), so every plausible capture setting of this teacher is accepted.
+            for p in dict.fromkeys([None, doc_prompt, query_prompt]):
+                for norm in (False, True):
+                    variants[fingerprint(tpath, prompt=p, normalize=norm)] = {"prompt": p, "normalize": norm}
         teacher_name = str(tpath) if tpath is not None else "in-memory model"
         if model is None:
             import torch
@@ -628,6 +640,7 @@ def build_index(name_or_path: str | Path, corpus: str | Path | Sequence[Document
         "name": folder.name,
         "teacher": teacher_name,
         "teacher_fingerprint": teacher_fingerprint,
+        "teacher_fingerprints": variants or {teacher_fingerprint: {}},
         "dim": int(emb.shape[1]),
         "metric": "inner_product",
         "normalized": True,
@@ -727,7 +740,12 @@ def load_index(name_or_path: str | Path, indexes_dir: str | Path = DEFAULT_INDEX
     doc_index = DocIndex(folder, manifest, index, ids, titles, texts, keys)
     want_gpu = gpu_count() > 0 if gpu is None else gpu
     if want_gpu:
-        doc_index.to_gpu(fp16=manifest.get("fp16", False) if fp16 is None else fp16, shards=shards)
+        try:
+            doc_index.to_gpu(fp16=manifest.get("fp16", False) if fp16 is None else fp16, shards=shards)
+        except LeafkdError as e:
+            if gpu:  # asked for explicitly
+                raise
+            print(f"note: searching on the CPU: {e}", file=sys.stderr)  # e.g. HNSW has no GPU version
     return doc_index
 
 
@@ -740,7 +758,8 @@ def index_info(name_or_path: str | Path, indexes_dir: str | Path = DEFAULT_INDEX
 
 
 def _check_teacher(manifest: dict, teacher_fingerprint: str, allow_mismatch: bool) -> None:
-    if teacher_fingerprint != manifest["teacher_fingerprint"] and not allow_mismatch:
+    known = teacher_fingerprint == manifest["teacher_fingerprint"] or teacher_fingerprint in manifest.get("teacher_fingerprints", {})
+    if not known and not allow_mismatch:
         raise LeafkdError(f"the teacher (fingerprint {teacher_fingerprint[:12]}) is not the one that built this index "
                           f"({manifest['teacher_fingerprint'][:12]}, {manifest.get('teacher')})")
 

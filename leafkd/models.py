@@ -131,10 +131,14 @@ def load_model(name_or_path: str | Path, device: str | None = None, models_dir: 
     path = resolve_model(name_or_path, models_dir)
     if not (path / "modules.json").exists() and not (path / "config.json").exists():
         raise LeafkdError(f"{path}: not a SentenceTransformer model folder (no modules.json or config.json)")
+    import torch
     from sentence_transformers import SentenceTransformer
 
     try:
-        return SentenceTransformer(str(path), device=device, local_files_only=True)
+        # fp32 master weights whatever the checkpoint's dtype (a half-precision copy would train badly);
+        # inference paths cast to bf16 themselves.
+        return SentenceTransformer(str(path), device=device, local_files_only=True,
+                                   model_kwargs={"dtype": torch.float32})
     except LeafkdError:
         raise
     except Exception as e:  # a broken folder surfaces from deep inside transformers

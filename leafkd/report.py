@@ -56,7 +56,7 @@ def markdown_report(results: dict[str, Any]) -> str:
     metrics = ", ".join(f"{t['name']}: {t['metric']}" for t in results["tasks"])
     out += [f"- metrics (x100): {metrics}", ""]
     out.append(markdown_table(results))
-    out += ["", "| mode | query encoder | document encoder |", "|---|---|---|"]
+    out += ["| mode | query encoder | document encoder |", "|---|---|---|"]
     for row in results["rows"]:
         enc = row.get("encoders", {})
         out.append(f"| {row['mode']} | `{enc.get('query')}` | `{enc.get('document')}` |")

@@ -97,7 +97,7 @@ def check_student(student: str | Path, index: DocIndex, allow_mismatch: bool = F
     info = read_student_info(student)
     fp = info.get("teacher_fingerprint")
     want = index.teacher_fingerprint
-    if fp == want:
+    if index.accepts_fingerprint(fp):
         return info
     if not info:
         problem = f"{student} is not a leafkd student (no leafkd.json), so its teacher cannot be checked"
@@ -143,7 +143,7 @@ class Retriever:
     @classmethod
     def load(cls, index: str | Path | DocIndex, *, student: str | Path | None = None, teacher: str | Path | None = None,
              mode: str = "asymmetric", indexes_dir: str | Path = DEFAULT_INDEXES_DIR, device: str | None = None,
-             dtype: str | torch.dtype | None = None, gpu: bool | None = False, fp16: bool | None = None,
+             dtype: str | torch.dtype | None = None, gpu: bool | None = None, fp16: bool | None = None,
              shards: int = 1, allow_fingerprint_mismatch: bool = False, query_prompt: str | None = None,
              verify: bool = True, warn=None) -> "Retriever":
         """Load an index and the encoder for ``mode``, checking they share one vector space.

@@ -521,6 +521,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
+    part_sums: dict[str, torch.Tensor] = {}
     try:
         while step < total_steps:
             factor = lr_factor(step, total_steps, cfg.warmup)
@@ -535,7 +536,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 target = teacher_dev[item["idx"].to(device, non_blocking=True)].float()
                 with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
                     emb = forward({"input_ids": ids, "attention_mask": mask})["sentence_embedding"]
-                loss, _parts = loss_fn(emb.float(), target)
+                loss, parts = loss_fn(emb.float(), target)
+                for name, value in parts.items():
+                    part_sums[name] = part_sums.get(name, 0.0) + value / cfg.grad_accum
                 (loss / cfg.grad_accum).backward()
                 total = loss.detach() if total is None else total + loss.detach()
                 samples_since += len(item["idx"])
@@ -561,12 +564,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 mean_loss = float(loss_sum / max(loss_count, 1))
                 rec = {"type": "train", "step": step, "epoch": epoch, "loss": mean_loss,
                        "lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples_since / (now - t_last),
-                       "tokens_per_s": tokens_since / (now - t_last), "skipped_steps": skipped}
+                       "tokens_per_s": tokens_since / (now - t_last), "skipped_steps": skipped,
+                       "loss_parts": {k: float(v) / max(loss_count, 1) for k, v in part_sums.items()}}
                 metrics.write(rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean_loss:.4g}", sps=f"{rec['samples_per_s']:.0f}")
                 loss_sum.zero_()
                 loss_count = 0
+                part_sums.clear()
                 t_last, samples_since, tokens_since = now, 0, 0
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 run_eval()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import retrieval_support as S
 from leafkd.errors import LeafkdError
-from leafkd.index import (Document, add_documents, build_index, delete_documents, index_info, load_index,
+from leafkd.index import (add_documents, build_index, delete_documents, load_index,
                           read_documents, verify_index)
 
 FP = "f" * 64  # a fingerprint for indexes built from precomputed vectors
@@ -178,6 +177,11 @@ def test_cli_build_info_add_delete(tmp_path, capsys):
     assert "40 documents" in capsys.readouterr().out
     idx = load_index(ixdir / "small")
     assert "1" not in idx and "40" in idx and idx.manifest["teacher_fingerprint"] == S.teacher_fp()
+    # students record the teacher fingerprint as captured (with normalisation / prompt folded in): accepted
+    from leafkd.models import fingerprint
+
+    assert idx.accepts_fingerprint(fingerprint(S.teacher_dir(), normalize=True))
+    assert not idx.accepts_fingerprint("0" * 64) and not idx.accepts_fingerprint(None)
     # the added .txt lines got fresh ids after the 40 existing keys, skipping the taken id "40"
     assert idx.document("42").text == "heat transfer in laminar boundary layers"
     # user errors: one line, exit 2

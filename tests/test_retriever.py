@@ -7,7 +7,7 @@ import pytest
 
 import retrieval_support as S
 from leafkd.errors import LeafkdError
-from leafkd.retriever import QueryEncoder, Retriever
+from leafkd.retriever import Retriever
 
 # Cranfield queries whose judged-relevant documents this teacher ranks in the top 10.
 KNOWN = {"1": {"13", "51", "184"}, "5": {"552"}, "15": {"462", "463"}, "17": {"106"}}

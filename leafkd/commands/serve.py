@@ -9,7 +9,6 @@ from leafkd.errors import LeafkdError
 
 
 def cmd_serve(args) -> int:
-    from leafkd.index import gpu_count
     from leafkd.retriever import Retriever
     from leafkd.server import Limits, create_app, serve
 
@@ -18,9 +17,8 @@ def cmd_serve(args) -> int:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise LeafkdError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
-    gpu = args.gpu if args.gpu is not None else gpu_count() > 0
     retriever = Retriever.load(args.index, student=args.student, teacher=args.teacher, mode=args.mode,
-                               indexes_dir=args.indexes_dir, device=args.device, gpu=gpu,
+                               indexes_dir=args.indexes_dir, device=args.device, gpu=args.gpu,
                                fp16=True if args.fp16 else None, shards=args.shards,
                                allow_fingerprint_mismatch=args.allow_fingerprint_mismatch,
                                query_prompt=args.query_prompt, verify=not args.no_verify)

@@ -1,0 +1,286 @@
+"""GPU speed benchmark (issue 5): leafkd's capture and training paths against the naive baselines, one run.
+
+    python eval/bench_gpu.py --teacher models/all-mpnet-base-v2 --student models/all-MiniLM-L6-v2 \
+        --data-dir ../shared/data --out eval/results/bench_gpu
+
+Measures, on the same GPU and texts from ../shared/data/train:
+- the GPU's bf16 matrix rate (8192^3 products), the ceiling for model FLOP utilisation (MFU);
+- capture with the teacher: sentence-transformers `encode` (fp16 weights, batch 256) vs leafkd's path
+  (one parallel tokenisation, length-sorted token-budget batches, bf16, prefetching), short texts and passages;
+- training student + projection: the naive loop (tokenise per batch, pad to longest, fp32 weights with bf16
+  autocast, AdamW) vs leafkd's `train` at the same batch size, same initialisation and steps, and the
+  held-out cosine each reaches.
+Prints a table and writes bench.json / bench.md to --out. On CPU it runs tiny sizes as a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from leafkd.alignment import alignment  # noqa: E402
+from leafkd.data import load_corpus  # noqa: E402
+from leafkd.encode import encode_tokens, plan_batches, tokenize  # noqa: E402
+from leafkd.models import load_model  # noqa: E402
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: torch.device) -> float:
+    """Measured bf16 matrix rate in TFLOP/s (median of 10 products after 3 warm-ups, random data)."""
+    if device.type != "cuda":
+        return float("nan")
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / float(np.median(times)) / 1e12
+
+
+def param_count(model) -> tuple[int, int, int, int]:
+    """(non-embedding parameters, layers, hidden size) of the Transformer inside an ST model."""
+    auto = model[0].auto_model
+    emb = sum(p.numel() for n, p in auto.named_parameters() if "embeddings" in n)
+    total = sum(p.numel() for p in model.parameters())
+    cfg = auto.config
+    return total - emb, cfg.num_hidden_layers, cfg.hidden_size, total
+
+
+def flops_per_token(n_params: int, layers: int, hidden: int, seq: float, train: bool) -> float:
+    """2N (+4 L d s attention) per token forward; three times that for forward + backward."""
+    fwd = 2 * n_params + 4 * layers * hidden * seq
+    return 3 * fwd if train else fwd
+
+
+def texts_from(data_dir: Path, n_short: int, n_passages: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    train = data_dir / "train"
+    short = load_corpus([str(train / "questions.tsv"), str(train / "wordnet_examples.txt"),
+                         str(train / "sentences" / "movie_reviews.txt"), str(train / "sentences" / "product_reviews.txt")]).texts
+    passages = load_corpus([str(train / "wiki_paragraphs.jsonl"), str(train / "wiki_summaries.jsonl")]).texts
+    rng = np.random.default_rng(seed)
+    short = [short[i] for i in rng.permutation(len(short))[:n_short]]
+    passages = [passages[i] for i in rng.permutation(len(passages))[:n_passages]]
+    return short, passages
+
+
+def bench_capture(model_path: str, texts: list[str], device: torch.device, label: str, peak: float) -> list[dict]:
+    rows = []
+    st = load_model(model_path, device=str(device))
+    if device.type == "cuda":
+        st.half()
+    st.encode(texts[:512], batch_size=256)  # warm-up
+    sync()
+    t = time.perf_counter()
+    ref = st.encode(texts, batch_size=256, convert_to_numpy=True)
+    sync()
+    dt_st = time.perf_counter() - t
+    model = load_model(model_path, device=str(device))
+    if device.type == "cuda":
+        model.to(torch.bfloat16)
+    warm, _ = tokenize(model, texts[:2048])
+    encode_tokens(model, warm, device=device)
+    sync()
+    t = time.perf_counter()
+    tokens, _ = tokenize(model, texts)
+    ours = encode_tokens(model, tokens, device=device)
+    sync()
+    dt_ours = time.perf_counter() - t
+    lengths = tokens.lengths
+    batches = plan_batches(lengths, 262144 if device.type == "cuda" else 8192)
+    padded = sum(int(lengths[b].max()) * len(b) for b in batches)
+    n_params, layers, hidden, _ = param_count(model)
+    real = int(lengths.sum())
+    fpt = flops_per_token(n_params, layers, hidden, float(lengths.mean()), train=False)
+    cos = float(np.mean(np.sum(ref * ours, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(ours, axis=1))))
+    for name, dt in (("sentence-transformers encode (fp16, batch 256)", dt_st), ("leafkd capture path (bf16)", dt_ours)):
+        rows.append({"section": f"capture {label}", "method": name, "texts": len(texts), "seconds": dt,
+                     "texts_per_s": len(texts) / dt, "real_tokens_per_s": real / dt,
+                     "mfu": fpt * real / dt / (peak * 1e12) if peak == peak else None})
+    rows[-1]["ratio"] = dt_st / dt_ours
+    rows[-1]["padding_fraction"] = 1 - real / padded
+    rows[-1]["cosine_to_st_output"] = cos
+    del st, model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return rows
+
+
+def naive_train(student, texts: list[str], teacher: np.ndarray, train_idx: np.ndarray, steps: int, batch: int,
+                cfg, device: torch.device, seed: int) -> tuple[dict, object]:
+    """The plain loop a user writes first: tokenise per batch, pad to longest, fp32 + bf16 autocast, AdamW."""
+    from leafkd.train import _param_groups, lr_factor
+
+    tok = student.tokenizer
+    max_len = student.max_seq_length
+    opt = torch.optim.AdamW(_param_groups(student, cfg), betas=(0.9, 0.999), eps=1e-8)
+    base = [g["lr"] for g in opt.param_groups]
+    student.train()
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(train_idx) for _ in range(math.ceil(steps * batch / len(train_idx)) + 1)])
+    real_tokens = padded_tokens = 0
+    warm = 5
+    t0 = None
+    for step in range(steps):
+        if step == warm:
+            sync()
+            t0 = time.perf_counter()
+            real_tokens = padded_tokens = 0
+        idx = order[step * batch : (step + 1) * batch]
+        enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        real_tokens += int(enc["attention_mask"].sum())
+        padded_tokens += enc["attention_mask"].numel()
+        feats = {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+        target = torch.from_numpy(teacher[idx].astype(np.float32)).to(device)
+        for g, b in zip(opt.param_groups, base):
+            g["lr"] = b * lr_factor(step, steps, cfg.warmup)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            emb = student(feats)["sentence_embedding"]
+        loss = (emb.float() - target).pow(2).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip)
+        opt.step()
+    sync()
+    dt = time.perf_counter() - t0
+    timed = steps - warm
+    return {"samples_per_s": timed * batch / dt, "real_tokens_per_s": real_tokens / dt,
+            "padding_fraction": 1 - real_tokens / max(padded_tokens, 1)}, student
+
+
+def bench_training(args, device: torch.device, peak: float, out: Path) -> list[dict]:
+    from leafkd.capture import capture
+    from leafkd.student import build_student, warm_start
+    from leafkd.train import _set_dropout, load_config, prepare_data, train
+
+    train_dir = Path(args.data_dir) / "train"
+    sources = [str(train_dir / f) for f in ("questions.tsv", "wordnet_examples.txt", "wiki_paragraphs.jsonl",
+                                            "wiki_summaries.jsonl")] + [str(p) for p in sorted((train_dir / "sentences").glob("*.txt"))]
+    work = out / "work"
+    store_dir = work / "teacher-vectors"
+    corpus = load_corpus(sources, args.train_texts, seed=0)
+    t = time.perf_counter()
+    store = capture(args.teacher, corpus, store_dir, show_progress=False, device=str(device))
+    capture_s = time.perf_counter() - t
+    rows = [{"section": "capture mixed corpus into the store", "method": "leafkd capture (teacher, bf16, store writes)",
+             "texts": store.count, "seconds": capture_s, "texts_per_s": store.count / capture_s}]
+    common = dict(teacher=args.teacher, student=args.student, data=sources, max_texts=args.train_texts,
+                  vectors=str(store_dir), heldout=2000, batch_size=args.batch, max_steps=args.steps, lr=2e-4,
+                  projection_lr=1e-3, eval_every=0, checkpoint_every=0, log_every=10, progress=False, plot=False,
+                  device=str(device), resume=False)
+    results = {}
+    for label, extra in (("leafkd train (eager)", {}),) + ((("leafkd train (torch.compile)", {"compile": True}),) if args.compile else ()):
+        cfg = load_config(None, output=str(work / ("run-compile" if extra else "run")), **common, **extra)
+        t = time.perf_counter()
+        res = train(cfg, log=lambda *a: None)
+        wall = time.perf_counter() - t
+        recs = [json.loads(l) for l in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
+        tr = [r for r in recs if r["type"] == "train"][1:]  # skip the first window (warm-up)
+        sps = float(np.median([r["samples_per_s"] for r in tr]))
+        tps = float(np.median([r["tokens_per_s"] for r in tr]))
+        results[label] = (sps, tps, res["final"]["heldout_cos_mean"], wall)
+    # The naive loop, from the same initialisation (same data split, same ridge warm start).
+    cfg = load_config(None, output=str(work / "naive"), **common)
+    data = prepare_data(cfg, Path(cfg.output), lambda *a: None)
+    student = build_student(args.student, data.teacher.shape[1], projection="auto", normalize=True)
+    _set_dropout(student, cfg.dropout)
+    student.to(device)
+    rng = np.random.default_rng(cfg.seed)
+    sample = np.sort(rng.choice(data.train_idx, size=min(len(data.train_idx), cfg.ridge_samples), replace=False))
+    warm_start(student, [data.texts[i] for i in sample], data.teacher[sample].astype(np.float32), alpha=cfg.ridge_alpha)
+    t = time.perf_counter()
+    naive_stats, student = naive_train(student, data.texts, data.teacher, data.train_idx, args.steps, args.batch, cfg, device, 0)
+    naive_wall = time.perf_counter() - t
+    student.eval()
+    held = [data.texts[i] for i in data.heldout_idx]
+    tokens, _ = tokenize(student, held)
+    naive_cos = alignment(encode_tokens(student, tokens, device=device), data.teacher[data.heldout_idx].astype(np.float32))["heldout_cos_mean"]
+    n_params, layers, hidden, _ = param_count(student)
+    lengths = tokenize(student, data.texts)[0].lengths
+    fpt = flops_per_token(n_params, layers, hidden, float(lengths.mean()), train=True)
+    proj_flops = 6 * hidden * data.teacher.shape[1]  # per sample, forward + backward of the projection
+    rows.append({"section": f"training (batch {args.batch}, {args.steps} steps)", "method": "naive loop",
+                 "samples_per_s": naive_stats["samples_per_s"], "real_tokens_per_s": naive_stats["real_tokens_per_s"],
+                 "padding_fraction": naive_stats["padding_fraction"], "heldout_cos": naive_cos, "seconds": naive_wall,
+                 "mfu": (fpt * naive_stats["real_tokens_per_s"] + proj_flops * naive_stats["samples_per_s"]) / (peak * 1e12) if peak == peak else None})
+    for label, (sps, tps, cos, wall) in results.items():
+        rows.append({"section": f"training (batch {args.batch}, {args.steps} steps)", "method": label,
+                     "samples_per_s": sps, "real_tokens_per_s": tps, "heldout_cos": cos, "seconds": wall,
+                     "ratio": sps / naive_stats["samples_per_s"], "heldout_cos_diff_vs_naive": cos - naive_cos,
+                     "mfu": (fpt * tps + proj_flops * sps) / (peak * 1e12) if peak == peak else None})
+    return rows
+
+
+def fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if v != v:
+            return ""
+        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
+    return str(v)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--student", required=True)
+    p.add_argument("--data-dir", default=os.environ.get("LEAFKD_DATA", "../shared/data"))
+    p.add_argument("--out", default="eval/results/bench_gpu")
+    p.add_argument("--short", type=int, default=100000, help="short texts for the capture benchmark")
+    p.add_argument("--passages", type=int, default=15000, help="passages for the capture benchmark")
+    p.add_argument("--train-texts", type=int, default=200000)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--compile", action="store_true", help="also time training under torch.compile")
+    p.add_argument("--skip-capture", action="store_true")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    peak = matmul_peak(device)
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device: {gpu}; measured bf16 matmul: {peak:.0f} TFLOP/s", flush=True)
+    rows: list[dict] = []
+    if not args.skip_capture:
+        short, passages = texts_from(Path(args.data_dir), args.short, args.passages)
+        rows += bench_capture(args.teacher, short, device, "short texts", peak)
+        print(json.dumps(rows[-1]), flush=True)
+        rows += bench_capture(args.teacher, passages, device, "passages", peak)
+        print(json.dumps(rows[-1]), flush=True)
+    rows += bench_training(args, device, peak, out)
+    cols = ["section", "method", "texts_per_s", "samples_per_s", "real_tokens_per_s", "ratio", "padding_fraction",
+            "mfu", "heldout_cos", "heldout_cos_diff_vs_naive", "cosine_to_st_output", "seconds"]
+    lines = [f"GPU: {gpu}; bf16 matmul {peak:.0f} TFLOP/s; torch {torch.__version__}", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
+    table = "\n".join(lines)
+    print(table)
+    (out / "bench.json").write_text(json.dumps({"gpu": gpu, "peak_tflops": peak, "args": vars(args), "rows": rows}, indent=2))
+    (out / "bench.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

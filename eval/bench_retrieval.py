@@ -1,0 +1,470 @@
+#!/usr/bin/env python
+"""Retrieval benchmark: asymmetric (student queries) vs teacher-symmetric querying, in process and over HTTP,
+and FAISS CPU vs GPU flat search on synthetic vectors.
+
+Measures, on one machine in one run:
+  1. index build: teacher embedding of the corpus + FAISS build (docs/s);
+  2. single-query latency p50/p99 in process (encode + search) for both modes;
+  3. batched in-process throughput (queries/s) for both modes;
+  4. single-query latency over HTTP (`leafkd serve` subprocess, keep-alive client) and queries/s under
+     concurrent load (several client processes, many requests in flight; the server micro-batches);
+  5. FAISS flat inner-product search at the given sizes (synthetic normalised vectors): CPU, and GPU float32 /
+     float16 (and sharded over all GPUs when there are several) when faiss-gpu sees a GPU -- otherwise a note.
+
+Writes OUT.json and OUT.md and prints a compact table. Runs on CPU (use small sizes) and on GPUs.
+
+Example (H100):
+  python eval/bench_retrieval.py --teacher models/all-mpnet-base-v2 --student runs/student \\
+      --corpus /data/beir/scifact --sizes 100000,1000000 --dim 768 --out eval/bench_retrieval_h100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+
+def pct(values, ps=(50, 99)) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    if a.size == 0:
+        return {f"p{p}": None for p in ps}
+    return {f"p{p}": round(float(np.percentile(a, p)), 3) for p in ps} | {"mean": round(float(a.mean()), 3)}
+
+
+def sync_cuda() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    except Exception:
+        pass
+
+
+def load_queries(corpus: Path, path: str | None, n: int, docs) -> list[str]:
+    if path:
+        p = Path(path)
+        lines = p.read_text(encoding="utf-8").splitlines()
+        if p.suffix == ".jsonl":
+            lines = [json.loads(x)["text"] for x in lines if x.strip()]
+        qs = [x.strip() for x in lines if x.strip()]
+    elif corpus.is_dir() and (corpus / "queries.jsonl").exists():
+        qs = [json.loads(x)["text"] for x in (corpus / "queries.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    else:  # no query file: the first words of documents make query-like strings
+        qs = [" ".join((d.title or d.text).split()[:12]) for d in docs]
+    qs = [q for q in qs if q.strip()]
+    reps = -(-n // max(len(qs), 1))
+    return (qs * reps)[:n]
+
+
+# ----------------------------------------------------------------------------------------------- in process
+
+
+def bench_inprocess(retriever, queries: list[str], top_k: int, batch: int, warmup: int = 20) -> dict:
+    for q in queries[:warmup]:
+        retriever.search([q], top_k)
+    lat, enc = [], []
+    for q in queries:
+        t0 = time.perf_counter()
+        v = retriever.embed([q])
+        sync_cuda()
+        t1 = time.perf_counter()
+        retriever.search_vectors(v, top_k)
+        t2 = time.perf_counter()
+        enc.append((t1 - t0) * 1e3)
+        lat.append((t2 - t0) * 1e3)
+    # batched throughput: the server's micro-batches at full load look like this
+    reps = max(1, 4 * batch // max(len(queries), 1))
+    pool = (queries * reps)[: max(batch * 4, batch)]
+    retriever.search(pool[:batch], top_k)
+    t0 = time.perf_counter()
+    for s in range(0, len(pool), batch):
+        retriever.search(pool[s : s + batch], top_k)
+    qps = len(pool) / (time.perf_counter() - t0)
+    return {"latency_ms": pct(lat), "encode_ms": pct(enc), "batched_qps": round(qps, 1), "batch": batch}
+
+
+# ----------------------------------------------------------------------------------------------- HTTP
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, index_dir: Path, mode: str, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "leafkd", "serve", "--index", str(index_dir), "--mode", mode, "--port", str(port),
+           "--student", args.student, "--teacher", args.teacher, "--max-wait-ms", str(args.max_wait_ms),
+           "--no-verify", "--max-queries", "1024"]
+    if args.allow_fingerprint_mismatch:
+        cmd.append("--allow-fingerprint-mismatch")
+    if args.device:
+        cmd += ["--device", args.device]
+    if args.no_gpu_faiss:
+        cmd.append("--no-gpu")
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    import httpx
+
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise RuntimeError("server did not start in 300 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _load_worker(url: str, queries: list[str], n: int, concurrency: int, top_k: int, out) -> None:
+    import httpx
+
+    async def main():
+        lat = []
+        errors = 0
+        it = iter(range(n))
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
+            async def worker():
+                nonlocal errors
+                for i in it:
+                    t0 = time.perf_counter()
+                    try:
+                        r = await c.post("/search", json={"query": queries[i % len(queries)], "top_k": top_k,
+                                                          "include_text": False})
+                        if r.status_code != 200:
+                            errors += 1
+                    except httpx.HTTPError:
+                        errors += 1
+                    lat.append((time.perf_counter() - t0) * 1e3)
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return lat, errors
+
+    out.put(asyncio.run(main()))
+
+
+def bench_http(url: str, queries: list[str], top_k: int, n_single: int, n_load: int, concurrency: int, procs: int) -> dict:
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=60) as c:
+        for q in queries[:20]:
+            c.post("/search", json={"query": q, "top_k": top_k, "include_text": False})
+        lat = []
+        for q in queries[:n_single]:
+            t0 = time.perf_counter()
+            r = c.post("/search", json={"query": q, "top_k": top_k, "include_text": False})
+            lat.append((time.perf_counter() - t0) * 1e3)
+            assert r.status_code == 200, r.text
+        before = c.get("/stats").json()["batches"]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    per = max(1, concurrency // procs)
+    workers = [ctx.Process(target=_load_worker, args=(url, queries, n_load // procs, per, top_k, out)) for _ in range(procs)]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    results = [out.get() for _ in workers]
+    wall = time.perf_counter() - t0
+    for w in workers:
+        w.join()
+    all_lat = [x for lat, _ in results for x in lat]
+    errors = sum(e for _, e in results)
+    with httpx.Client(base_url=url, timeout=60) as c:
+        stats = c.get("/stats").json()
+    b = stats["batches"]
+    batches = b["count"] - before["count"]
+    return {"single_latency_ms": pct(lat), "load": {"requests": len(all_lat), "errors": errors,
+            "concurrency": per * procs, "client_procs": procs, "qps": round(len(all_lat) / wall, 1),
+            "latency_ms": pct(all_lat), "mean_batch": round((b["queries"] - before["queries"]) / max(batches, 1), 2)}}
+
+
+# ----------------------------------------------------------------------------------------------- FAISS scale
+
+
+def synthetic(n: int, d: int, seed: int = 0, chunk: int = 200_000) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = np.empty((n, d), dtype=np.float32)
+    for s in range(0, n, chunk):
+        block = rng.standard_normal((min(chunk, n - s), d), dtype=np.float32)
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        x[s : s + len(block)] = block
+    return x
+
+
+def time_search(index, q: np.ndarray, k: int, min_time: float = 1.0) -> float:
+    index.search(q[: min(len(q), 64)], k)  # warm up
+    sync_cuda()
+    n = 0
+    t0 = time.perf_counter()
+    while True:
+        index.search(q, k)
+        n += len(q)
+        if time.perf_counter() - t0 >= min_time:
+            break
+    return n / (time.perf_counter() - t0)
+
+
+def single_latency(index, q: np.ndarray, k: int, reps: int = 50) -> dict:
+    lat = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        index.search(q[i % len(q) : i % len(q) + 1], k)
+        lat.append((time.perf_counter() - t0) * 1e3)
+    return pct(lat)
+
+
+def bench_faiss(sizes: list[int], dim: int, nq: int, nq_cpu: int, k: int) -> tuple[list[dict], list[str]]:
+    import faiss
+
+    from leafkd.index import gpu_count, index_to_gpu
+
+    rows, notes = [], []
+    ngpu = gpu_count()
+    if ngpu == 0:
+        notes.append("FAISS GPU parts skipped: faiss-gpu is not installed or no GPU is visible")
+    queries = synthetic(max(nq, nq_cpu), dim, seed=1)
+    for n in sizes:
+        x = synthetic(n, dim)
+        cpu = faiss.IndexFlatIP(dim)
+        cpu.add(x)
+        rows.append({"size": n, "dim": dim, "engine": f"CPU flat fp32 ({faiss.omp_get_max_threads()} threads)",
+                     "batch": nq_cpu, "qps": round(time_search(cpu, queries[:nq_cpu], k), 1),
+                     "single_ms": single_latency(cpu, queries, k, reps=20)})
+        if ngpu:
+            for fp16 in (False, True):
+                try:
+                    g = index_to_gpu(cpu, fp16=fp16)
+                    rows.append({"size": n, "dim": dim, "engine": f"GPU flat {'fp16' if fp16 else 'fp32'}", "batch": nq,
+                                 "qps": round(time_search(g, queries[:nq], k), 1), "single_ms": single_latency(g, queries, k)})
+                    del g
+                except Exception as e:
+                    notes.append(f"GPU flat fp16={fp16} at {n}: {e}")
+            if ngpu > 1:
+                try:
+                    g = index_to_gpu(cpu, fp16=True, shards=-1)
+                    rows.append({"size": n, "dim": dim, "engine": f"GPU flat fp16 sharded x{ngpu}", "batch": nq,
+                                 "qps": round(time_search(g, queries[:nq], k), 1), "single_ms": single_latency(g, queries, k)})
+                    del g
+                except Exception as e:
+                    notes.append(f"GPU sharded at {n}: {e}")
+        del cpu, x
+    return rows, notes
+
+
+def memory_table(dims=(384, 768, 1024), pq=(32, 64, 96)) -> list[dict]:
+    """Vector memory per million documents (codes only; IVF adds 8 bytes/doc of ids, HNSW32 ~ 256 bytes/doc)."""
+    out = []
+    for d in dims:
+        row = {"dim": d, "float32": 4 * d, "float16": 2 * d, "SQ8": d}
+        row.update({f"PQ{m}": m for m in pq if d % m == 0})
+        out.append({k: (round(v * 1e6 / 2**20, 1) if k != "dim" else v) for k, v in row.items()})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--student", required=True)
+    ap.add_argument("--corpus", required=True, help="BEIR folder, corpus.jsonl, .jsonl or .txt")
+    ap.add_argument("--queries", default=None, help="query file (.txt or .jsonl); default: the BEIR queries")
+    ap.add_argument("--out", required=True, help="output path prefix: writes OUT.json and OUT.md")
+    ap.add_argument("--max-docs", type=int, default=None, help="index only the first N documents")
+    ap.add_argument("--factory", default="Flat")
+    ap.add_argument("--index-dir", default=None, help="reuse/keep the built index here (default: a temp folder)")
+    ap.add_argument("--n-queries", type=int, default=500, help="single-query latency samples per mode")
+    ap.add_argument("--batch", type=int, default=256, help="batch size for in-process throughput")
+    ap.add_argument("--top-k", type=int, default=10)
+    ap.add_argument("--http-requests", type=int, default=4000, help="requests in the concurrent load test")
+    ap.add_argument("--concurrency", type=int, default=128)
+    ap.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)))
+    ap.add_argument("--max-wait-ms", type=float, default=2.0)
+    ap.add_argument("--sizes", default="100000,1000000", help="synthetic FAISS sizes")
+    ap.add_argument("--dim", type=int, default=768, help="synthetic vector dimension")
+    ap.add_argument("--faiss-queries", type=int, default=10000, help="query batch for GPU FAISS")
+    ap.add_argument("--faiss-queries-cpu", type=int, default=1000, help="query batch for CPU FAISS")
+    ap.add_argument("--device", default=None, help="torch device for encoders (default: cuda if present)")
+    ap.add_argument("--no-gpu-faiss", action="store_true", help="search the retrieval index on the CPU")
+    ap.add_argument("--allow-fingerprint-mismatch", action="store_true")
+    ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--skip-faiss", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    import leafkd
+    from leafkd.index import build_index, faiss_build_name, gpu_count, load_index, read_documents
+    from leafkd.models import load_model, resolve_model
+    from leafkd.retriever import Retriever
+
+    cuda = torch.cuda.is_available()
+    device_name = torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine()
+    ngpu = gpu_count()
+    notes = []
+    if not cuda:
+        notes.append("no CUDA device: encoders run on the CPU")
+    result: dict = {"machine": {"device": device_name, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                                "torch": torch.__version__, "faiss": faiss_build_name(), "faiss_gpus": ngpu,
+                                "leafkd": leafkd.__version__, "torch_threads": torch.get_num_threads(),
+                                "load_average": [round(x, 2) for x in os.getloadavg()]},
+                    "args": vars(args)}
+    corpus = Path(args.corpus)
+    docs = read_documents(corpus)
+    if args.max_docs:
+        docs = docs[: args.max_docs]
+
+    # 1. index build with the teacher
+    tmp = tempfile.TemporaryDirectory(prefix="leafkd-bench-")
+    index_dir = Path(args.index_dir) if args.index_dir else Path(tmp.name) / "bench-index"
+    if not (index_dir / "manifest.json").exists():
+        dev = args.device or ("cuda" if cuda else "cpu")
+        teacher_model = load_model(resolve_model(args.teacher), device=dev)
+        sync_cuda()
+        t0 = time.perf_counter()
+        build_index(index_dir, docs, teacher=args.teacher, model=teacher_model, factory=args.factory,
+                    gpu=ngpu > 0 and not args.no_gpu_faiss, log=lambda m: print(m, file=sys.stderr))
+        dt = time.perf_counter() - t0
+        result["build"] = {"documents": len(docs), "seconds": round(dt, 2), "docs_per_s": round(len(docs) / dt, 1),
+                           "factory": args.factory}
+        del teacher_model
+        if cuda:
+            torch.cuda.empty_cache()
+    doc_index = load_index(index_dir, verify=False, gpu=False if args.no_gpu_faiss else None)
+    queries = load_queries(corpus, args.queries, args.n_queries, docs)
+    print(f"index: {doc_index.count} docs, {doc_index.dim}-d, FAISS on {doc_index.device}; {len(queries)} queries",
+          file=sys.stderr)
+
+    # 2-3. in process
+    result["inprocess"] = {}
+    retrievers = {
+        "asymmetric": lambda: Retriever.load(doc_index, student=args.student, mode="asymmetric", device=args.device,
+                                             allow_fingerprint_mismatch=args.allow_fingerprint_mismatch),
+        "teacher": lambda: Retriever.load(doc_index, teacher=args.teacher, mode="teacher", device=args.device,
+                                          allow_fingerprint_mismatch=args.allow_fingerprint_mismatch),
+    }
+    for mode, make in retrievers.items():
+        r = make()
+        result["inprocess"][mode] = bench_inprocess(r, queries, args.top_k, args.batch)
+        print(f"{mode} in process: {result['inprocess'][mode]}", file=sys.stderr)
+        del r
+        if cuda:
+            torch.cuda.empty_cache()
+    doc_index = None  # free it before the HTTP servers load their own copies
+
+    # 4. HTTP
+    if not args.skip_http:
+        result["http"] = {}
+        for mode in ("asymmetric", "teacher"):
+            port = free_port()
+            proc = start_server(args, index_dir, mode, port)
+            try:
+                result["http"][mode] = bench_http(f"http://127.0.0.1:{port}", queries, args.top_k, min(args.n_queries, 500),
+                                                  args.http_requests, args.concurrency, args.client_procs)
+                print(f"{mode} over HTTP: {result['http'][mode]}", file=sys.stderr)
+            finally:
+                stop_server(proc)
+
+    # 5. FAISS scale
+    if not args.skip_faiss:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+        rows, fnotes = bench_faiss(sizes, args.dim, args.faiss_queries, args.faiss_queries_cpu, args.top_k)
+        result["faiss"] = rows
+        notes += fnotes
+    result["memory_mib_per_million_docs"] = memory_table()
+    result["notes"] = notes
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    md = render_markdown(result)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    tmp.cleanup()
+    return 0
+
+
+def render_markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = ["# leafkd retrieval benchmark", "",
+             f"Device: {m['device']} ({m['cpu_count']} CPU cores, torch {m['torch']} with {m['torch_threads']} threads, "
+             f"{m['faiss']}, {m['faiss_gpus']} FAISS GPUs), Python {m['python']}; load average at start "
+             f"{m.get('load_average')}.", ""]
+    if "build" in r:
+        b = r["build"]
+        lines += [f"Index build ({b['factory']}): {b['documents']} documents in {b['seconds']} s "
+                  f"({b['docs_per_s']} docs/s, teacher embedding + FAISS).", ""]
+    lines += ["## Query path (top-10)", "",
+              "| mode | in-process p50 ms | p99 ms | encode p50 ms | batched q/s | HTTP p50 ms | HTTP p99 ms | "
+              "HTTP q/s under load | mean batch | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for mode in ("asymmetric", "teacher"):
+        ip = r.get("inprocess", {}).get(mode)
+        hp = r.get("http", {}).get(mode)
+        if not ip:
+            continue
+        cells = [mode, ip["latency_ms"]["p50"], ip["latency_ms"]["p99"], ip["encode_ms"]["p50"], ip["batched_qps"]]
+        if hp:
+            cells += [hp["single_latency_ms"]["p50"], hp["single_latency_ms"]["p99"], hp["load"]["qps"],
+                      hp["load"]["mean_batch"], hp["load"]["errors"]]
+        else:
+            cells += ["-"] * 5
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    ip = r.get("inprocess", {})
+    if "asymmetric" in ip and "teacher" in ip:
+        ratio = ip["asymmetric"]["batched_qps"] / max(ip["teacher"]["batched_qps"], 1e-9)
+        lines += ["", f"Asymmetric / teacher-symmetric batched throughput in process: {ratio:.2f}x"]
+        hp = r.get("http", {})
+        if "asymmetric" in hp and "teacher" in hp:
+            ratio = hp["asymmetric"]["load"]["qps"] / max(hp["teacher"]["load"]["qps"], 1e-9)
+            lines.append(f"Asymmetric / teacher-symmetric throughput over HTTP under load: {ratio:.2f}x "
+                         f"(concurrency {hp['asymmetric']['load']['concurrency']}, "
+                         f"{hp['asymmetric']['load']['client_procs']} client processes)")
+    if r.get("faiss"):
+        lines += ["", "## FAISS flat inner-product search (synthetic normalised vectors, top-10)", "",
+                  "| documents | dim | engine | query batch | q/s batched | single query p50 ms |", "|---|---|---|---|---|---|"]
+        for row in r["faiss"]:
+            lines.append(f"| {row['size']:,} | {row['dim']} | {row['engine']} | {row['batch']} | {row['qps']:,} | "
+                         f"{row['single_ms']['p50']} |")
+    lines += ["", "## Vector memory per million documents (MiB)", "",
+              "| dim | float32 | float16 | SQ8 | PQ32 | PQ64 | PQ96 |", "|---|---|---|---|---|---|---|"]
+    for row in r["memory_mib_per_million_docs"]:
+        lines.append("| " + " | ".join(str(row.get(k, "-")) for k in ("dim", "float32", "float16", "SQ8", "PQ32", "PQ64", "PQ96")) + " |")
+    if r.get("notes"):
+        lines += ["", "Notes:"] + [f"- {n}" for n in r["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

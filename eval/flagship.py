@@ -1,0 +1,113 @@
+"""The flagship recipe (issue 6) in one command: capture once, train the ablation runs, evaluate them all.
+
+    python eval/flagship.py --stage all                  # capture + 3 trainings + evaluation
+    python eval/flagship.py --stage train --runs leaf    # only the LEAF-loss run
+    python eval/flagship.py --stage eval
+
+Each run is `examples/flagship.toml` with its loss weights overridden; all share one teacher-vector store.
+Evaluation is `leafkd eval` (fast engine where mteb is absent) on SciFact, Cranfield, NPL, STS-B and SICK-R, for
+the teacher, the base student, the ridge map and every trained student (student and asymmetric modes),
+with alignment diagnostics. Results land in --out (default eval/results/flagship).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+RUNS = {
+    "leaf": {"leaf_l2": 1.0},
+    "leaf-lr1e-3": {"leaf_l2": 1.0, "lr": 1e-3},
+    "leaf+lelp50": {"leaf_l2": 1.0, "lelp": 50.0},
+    "leaf+lelp": {"leaf_l2": 1.0, "lelp": 1.0},
+    "leaf+relational": {"leaf_l2": 1.0, "relational": 1.0},
+}
+
+
+def run_config(name: str, args) -> dict:
+    import tomllib
+
+    base = tomllib.loads((REPO / args.config).read_text())["train"]
+    data_dir = str(Path(args.data_dir).resolve())
+    base["data"] = [d.replace("../shared/data", data_dir) for d in base["data"]]
+    base.update(RUNS[name])
+    base["output"] = str(Path(args.runs_dir) / f"flagship-{name.replace('+', '-')}")
+    base["vectors"] = str(Path(args.runs_dir) / "flagship-vectors")
+    if args.epochs is not None:
+        base["epochs"] = args.epochs
+    if args.teacher:
+        base["teacher"] = args.teacher
+    if args.student:
+        base["student"] = args.student
+    base["progress"] = False
+    return base
+
+
+def stage_train(args) -> dict:
+    from leafkd.train import load_config, train
+
+    timings = {}
+    for name in args.runs:
+        cfg = load_config(None, **run_config(name, args))
+        t = time.perf_counter()
+        result = train(cfg, log=lambda m: print(f"[{name}] {m}", flush=True))
+        timings[name] = {"seconds": time.perf_counter() - t, **result}
+        print(f"[{name}] done in {timings[name]['seconds']:.0f} s: {json.dumps(result['final'])}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prev = json.loads((out / "train_summary.json").read_text()) if (out / "train_summary.json").exists() else {}
+    prev.update(timings)
+    (out / "train_summary.json").write_text(json.dumps(prev, indent=2))
+    return timings
+
+
+def stage_eval(args) -> None:
+    out = Path(args.out)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for i, name in enumerate(args.runs):
+        model = Path(args.runs_dir) / f"flagship-{name.replace('+', '-')}" / "model"
+        cmd = [sys.executable, "-m", "leafkd", "eval", "--student", str(model), "--data-dir", args.data_dir,
+               "--out", str(out / f"eval-{name.replace('+', '-')}"), "--engine", args.engine]
+        if args.teacher:
+            cmd += ["--teacher", args.teacher]
+        # The first run's table carries the teacher, base and ridge rows; the others add their own student rows.
+        cmd += ["--modes", "teacher,student,asymmetric,base,ridge", "--ridge", "--alignment"] if i == 0 else \
+               ["--modes", "student,asymmetric", "--alignment"]
+        print(" ".join(cmd), flush=True)
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env)
+        print(f"eval {name}: {time.perf_counter() - t:.0f} s", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stage", choices=["train", "eval", "all"], default="all")
+    p.add_argument("--runs", type=lambda s: s.split(","), default=list(RUNS))
+    p.add_argument("--config", default="examples/flagship.toml")
+    p.add_argument("--data-dir", default=os.environ.get("LEAFKD_DATA", str(REPO.parent / "shared" / "data")))
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--out", default="eval/results/flagship")
+    p.add_argument("--epochs", type=float, default=None, help="override the config's epochs")
+    p.add_argument("--teacher", default=None, help="override the teacher folder")
+    p.add_argument("--student", default=None, help="override the student base folder")
+    p.add_argument("--engine", default="fast")
+    args = p.parse_args()
+    unknown = [r for r in args.runs if r not in RUNS]
+    if unknown:
+        sys.exit(f"error: unknown run(s) {', '.join(unknown)} (known: {', '.join(RUNS)})")
+    if args.stage in ("train", "all"):
+        stage_train(args)
+    if args.stage in ("eval", "all"):
+        stage_eval(args)
+
+
+if __name__ == "__main__":
+    main()
