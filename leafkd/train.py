@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from leafkd import atomic
+from leafkd import distributed as dist_
 from leafkd.alignment import alignment, cosine_rows
 from leafkd.capture import capture, capture_blackbox, check_store_for_teacher, pick_device
 from leafkd.data import Corpus, load_corpus, text_hash
@@ -83,6 +84,18 @@ class TrainConfig:
     relational_temperature: float = _opt(0.05, "relational softmax temperature")
     ridge_alpha: float = _opt(1e-2, "relative ridge penalty of the projection warm start")
     ridge_samples: int = _opt(20000, "texts used to fit the ridge warm start")
+    select: str = _opt("none", "teacher-guided data selection: none, subset (train on a chosen subset) or reweight "
+                       "(sample texts by student-teacher gap); see docs/selection.md")
+    select_fraction: float = _opt(0.5, "subset: fraction of the training pool (after drops) to keep")
+    select_size: int | None = _opt(None, "subset: number of texts to keep (overrides --select-fraction)")
+    select_temperature: float = _opt(1.0, "difficulty preference (gap / mean gap) ** (1/T); large T is uniform")
+    select_diversity: float = _opt(0.5, "cluster balance: share of cluster c scales with n_c ** -D (0: none, 1: equal-size clusters)")
+    select_max_weight: float = _opt(4.0, "reweight: clip each text's weight factor to [1/M, M]")
+    select_clusters: int = _opt(256, "k-means clusters of teacher vectors for diversity and dedup")
+    select_refresh_every: int = _opt(0, "re-score and re-select every N steps, applied from the next epoch (0: once after the warm start)")
+    select_score_texts: int = _opt(50000, "score a seeded sample of at most N pool texts per round (0: all); others get their cluster's mean")
+    dedup_threshold: float = _opt(0.98, "selection drops near-duplicates with teacher cosine >= this (1.0: off)")
+    drop_degenerate: bool = _opt(True, "drop training texts that are empty after tokenisation or have zero-norm/outlier teacher vectors")
     eval_every: int = _opt(200, "held-out evaluation every N steps (0: only at the start and end)")
     log_every: int = _opt(20, "training log line every N steps")
     checkpoint_every: int = _opt(500, "checkpoint every N steps (0: only at the end)")
@@ -100,8 +113,18 @@ class TrainConfig:
     RESUME_FREE = ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "resume", "plot", "progress",
                    "device", "max_steps", "epochs")
 
+    # Selection options (issue 8) enter the key only where they change the run: off their defaults, and the
+    # select_* ones only when selection is on (so keys of runs from before selection existed are unchanged).
+    SELECTION = ("select", "select_fraction", "select_size", "select_temperature", "select_diversity",
+                 "select_max_weight", "select_clusters", "select_refresh_every", "select_score_texts",
+                 "dedup_threshold", "drop_degenerate")
+
     def result_key(self) -> str:
         d = {k: v for k, v in asdict(self).items() if k not in self.RESUME_FREE}
+        defaults = {f.name: f.default for f in fields(self) if f.name in self.SELECTION}
+        for k in self.SELECTION:
+            if d[k] == defaults[k] or (self.select == "none" and k != "drop_degenerate"):
+                del d[k]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -148,6 +171,18 @@ def validate(cfg: TrainConfig) -> None:
     weights = [cfg.leaf_l2, cfg.mse, cfg.cosine, cfg.lelp, cfg.relational]
     if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
         raise LeafkdError("loss weights must be >= 0 with at least one > 0")
+    from leafkd.selection import SELECT_MODES
+
+    if cfg.select not in SELECT_MODES:
+        raise LeafkdError(f"select must be one of {', '.join(SELECT_MODES)}, not {cfg.select!r}")
+    if not 0 < cfg.select_fraction <= 1 or (cfg.select_size is not None and cfg.select_size < 1):
+        raise LeafkdError("select_fraction must be in (0, 1] and select_size >= 1")
+    if cfg.select_temperature <= 0 or cfg.select_max_weight < 1 or cfg.select_diversity < 0:
+        raise LeafkdError("select_temperature must be > 0, select_max_weight >= 1, select_diversity >= 0")
+    if cfg.select_clusters < 1 or cfg.select_refresh_every < 0 or cfg.select_score_texts < 0:
+        raise LeafkdError("select_clusters must be >= 1, select_refresh_every and select_score_texts >= 0")
+    if not 0 < cfg.dedup_threshold <= 1:
+        raise LeafkdError("dedup_threshold must be in (0, 1] (1: no dedup)")
 
 
 # -- data ------------------------------------------------------------------------------------------------
@@ -205,7 +240,7 @@ def prepare_data(cfg: TrainConfig, out: Path, log) -> TrainData:
 
 
 class LengthGroupedBatches:
-    """Per-epoch batches: weighted, shuffled, then grouped by length within windows of 64 batches.
+    """Per-epoch batches: weighted, shuffled, then grouped by length within windows of 16 batches.
 
     Epoch e is a pure function of (seed, e), so a resumed run rebuilds it and skips what it had done.
     """
@@ -220,7 +255,9 @@ class LengthGroupedBatches:
         copies = np.floor(w).astype(np.int64) + (rng.random(len(w)) < (w - np.floor(w)))
         items = np.repeat(self.indices, copies)
         rng.shuffle(items)
-        window = self.batch_size * 64
+        # Sorting within a window of 16 batches keeps padding low while batches still mix lengths across
+        # windows; wider windows pad less but make each batch more uniform in length.
+        window = self.batch_size * 16
         batches = []
         for start in range(0, len(items), window):
             chunk = items[start : start + window]
@@ -294,6 +331,8 @@ def _checkpoints(out: Path) -> list[Path]:
 
 
 def save_checkpoint(out: Path, state: dict, keep: int) -> None:
+    if not dist_.is_main():  # distributed: rank 0 writes (the state is the same on every rank)
+        return
     target = out / "checkpoints" / f"step-{state['step']:08d}"
     with atomic.atomic_dir(target) as tmp:
         torch.save(state, tmp / "state.pt")
@@ -326,18 +365,22 @@ def seed_everything(seed: int) -> None:
 class MetricsLog:
     """Append-only JSONL of training and evaluation records (truncated to the resumed step on resume)."""
 
-    def __init__(self, path: Path, resume_step: int | None):
+    def __init__(self, path: Path, resume_step: int | None, readonly: bool = False):
         self.path = path
+        self.readonly = readonly  # distributed ranks other than 0 keep the records in memory only
         self.records: list[dict] = []
         if path.exists() and resume_step is not None:
             for line in path.read_text().splitlines():
                 rec = json.loads(line)
                 if rec.get("step", 0) <= resume_step:
                     self.records.append(rec)
-        atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
+        if not readonly:
+            atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict) -> None:
         self.records.append(record)
+        if self.readonly:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -379,13 +422,27 @@ def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | Non
 
 
 def evaluate_student(model, tokens: Tokenized, teacher: np.ndarray, device: torch.device) -> dict[str, float]:
+    if dist_.world_size() > 1:
+        # Distributed: each rank embeds a contiguous slice of the held-out texts; the slices are gathered on
+        # every rank (no rank idles while another evaluates) and the metrics computed on the whole set.
+        lo, hi = dist_.split_range(len(tokens))
+        vecs = dist_.gather_rows(encode_tokens(model, tokens.take(np.arange(lo, hi)), device=device))
+        return alignment(vecs, teacher.astype(np.float32))
     vecs = encode_tokens(model, tokens, device=device)
     return alignment(vecs, teacher.astype(np.float32))
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
-    """Run (or resume) training; returns the final held-out metrics and the model folder."""
+    """Run (or resume) training; returns the final held-out metrics and the model folder.
+
+    Under `torchrun` (WORLD_SIZE > 1): DistributedDataParallel, each rank takes a contiguous slice of every
+    global batch (see leafkd.distributed.local_batch); rank 0 logs, checkpoints and saves the model.
+    """
     validate(cfg)
+    dist_.init_from_env(cfg.device)
+    world, is_main = dist_.world_size(), dist_.is_main()
+    if not is_main:
+        log = lambda *a, **k: None  # noqa: E731
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
@@ -426,6 +483,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
     log(f"{len(data.texts)} texts ({len(data.train_idx)} train, {len(data.heldout_idx)} held out), "
         f"teacher dim {teacher_dim}, {truncated} texts truncated to {student.max_seq_length} tokens")
 
+    selector = None
+    if cfg.select != "none" or cfg.drop_degenerate:
+        from leafkd.selection import Selector
+
+        # Teacher-only part of the selection (drops, clusters, dedup); the pool replaces the training texts.
+        selector = Selector(cfg, data.texts, data.teacher, data.train_idx, data.weights, lengths, out, log, device)
+        data.train_idx, data.weights = selector.initial()
     sampler = LengthGroupedBatches(data.train_idx, data.weights, lengths, cfg.batch_size, cfg.seed)
     micro_per_epoch = sampler.expected_batches()
     steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
@@ -443,7 +507,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             raise LeafkdError(f"{out} holds a run with other settings; use --no-resume or another --output")
         student.load_state_dict(state["model"])
         log(f"resuming from {ckpts[-1].name}")
-    elif not cfg.resume and (out / "checkpoints").exists():
+    elif not cfg.resume and is_main and (out / "checkpoints").exists():
         shutil.rmtree(out / "checkpoints")
 
     student.to(device)
@@ -452,6 +516,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
         # Step 0 is the ridge map: the baseline a trained student must beat.
         warm_start(student, [data.texts[i] for i in teacher_sample_idx], data.teacher[teacher_sample_idx].astype(np.float32),
                    alpha=cfg.ridge_alpha)
+    if selector is not None:
+        # Score the pool with the warm-started student and select (or restore the checkpoint's selection).
+        if state is None:
+            selector.start(student, tokens, sampler, exclude=teacher_sample_idx)  # the ridge fit's texts look easy
+        else:
+            selector.load_state_dict(state.get("selection"), sampler)
     student.train()
     _set_dropout(student, cfg.dropout)
 
@@ -463,16 +533,20 @@ def train(cfg: TrainConfig, log=print) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         step, epoch, position = state["step"], state["epoch"], state["position"]
         _set_rng_state(state["rng"])
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None)
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None, readonly=not is_main)
     if state is None:
         metrics.records.clear()
-        atomic.write_text(out / "metrics.jsonl", "")
+        if is_main:
+            atomic.write_text(out / "metrics.jsonl", "")
 
     teacher_dev = torch.from_numpy(np.ascontiguousarray(data.teacher)).to(device)
     autocast = _autocast_dtype(cfg, device)
     forward = student
+    ddp = None
+    if world > 1:
+        forward = ddp = dist_.wrap_ddp(student, device)  # after the warm start: DDP broadcasts rank 0's weights
     if cfg.compile:
-        forward = torch.compile(student, dynamic=True)
+        forward = torch.compile(forward, dynamic=True)
     pad_id = student.tokenizer.pad_token_id or 0
 
     def run_eval() -> dict:
@@ -491,7 +565,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         baseline_record = {"type": "baseline", "step": 0, "name": "ridge", **baseline}
         metrics.write(baseline_record)
     bar = None
-    if cfg.progress:
+    if cfg.progress and is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", smoothing=0.05)
@@ -503,10 +577,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
             todo = batches[pos:]
 
             def make(k: int, todo=todo) -> dict:
-                idx = todo[k]
+                full = todo[k]
+                idx, weight = dist_.local_batch(full)  # this rank's slice of the global batch (all of it: 1 process)
                 ids, mask = pad_batch(tokens, idx, pad_id)
                 item = {"idx": torch.from_numpy(idx), "ids": torch.from_numpy(ids), "mask": torch.from_numpy(mask),
-                        "real_tokens": int(lengths[idx].sum())}
+                        "real_tokens": int(lengths[full].sum()), "n": len(full), "weight": weight}
+                if world > 1 and cfg.relational > 0:
+                    item["full"] = torch.from_numpy(full)  # in-batch relations span the whole global batch
                 if device.type == "cuda":
                     for key in ("idx", "ids", "mask"):
                         item[key] = item[key].pin_memory()
@@ -515,9 +592,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
             for k, item in enumerate(_prefetch(make, len(todo))):
                 yield e, pos + k + 1, item
             e, pos = e + 1, 0
+            if selector is not None:
+                selector.new_epoch(sampler)  # a refresh's selection takes effect at an epoch boundary
 
     stream = batch_stream(epoch, position)
     skipped = 0
+    skipped_dev = torch.zeros((), device=device)
     t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
@@ -529,27 +609,44 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 g["lr"] = base * factor
             optimizer.zero_grad(set_to_none=True)
             total = None
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 epoch, position, item = next(stream)
+                if ddp is not None:  # DDP's no_sync(): all-reduce the gradients only on the last micro-batch
+                    ddp.require_backward_grad_sync = micro == cfg.grad_accum - 1
                 ids = item["ids"].to(device, non_blocking=True)
                 mask = item["mask"].to(device, non_blocking=True)
                 target = teacher_dev[item["idx"].to(device, non_blocking=True)].float()
                 with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
                     emb = forward({"input_ids": ids, "attention_mask": mask})["sentence_embedding"]
-                loss, parts = loss_fn(emb.float(), target)
+                keys = teacher_dev[item["full"].to(device, non_blocking=True)].float() if "full" in item else None
+                loss, parts = loss_fn(emb.float(), target, keys)
+                if item["weight"] != 1.0:  # distributed, uneven split: the mean over ranks is the global-batch mean
+                    loss = loss * item["weight"]
+                    parts = {name: value * item["weight"] for name, value in parts.items()}
                 for name, value in parts.items():
                     part_sums[name] = part_sums.get(name, 0.0) + value / cfg.grad_accum
                 (loss / cfg.grad_accum).backward()
                 total = loss.detach() if total is None else total + loss.detach()
-                samples_since += len(item["idx"])
+                samples_since += item["n"]
                 tokens_since += item["real_tokens"]
             total = total / cfg.grad_accum
-            if not torch.isfinite(total):
+            if world > 1:  # the global batch's loss, so every rank makes the same skip decision
+                total = dist_.all_reduce_sum(total) / world
+            if fused:
+                # NaN/inf guard without a host sync: fused AdamW skips the update on the device when `found_inf`
+                # is set (the GradScaler protocol), so the CPU keeps queueing work; skips are counted at log time.
+                found_inf = (~torch.isfinite(total)).float()
+                if cfg.clip > 0:
+                    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip)
+                optimizer.found_inf, optimizer.grad_scale = found_inf, None
+                optimizer.step()
+                skipped_dev += found_inf
+                loss_sum += torch.nan_to_num(total) * (1 - found_inf)
+                loss_count += 1 - found_inf
+            elif not torch.isfinite(total):
                 # NaN/inf guard: drop this step's update; stop if it keeps happening.
                 skipped += 1
                 optimizer.zero_grad(set_to_none=True)
-                if skipped > 20:
-                    raise LeafkdError(f"training diverged: {skipped} steps with non-finite loss; lower --lr")
             else:
                 if cfg.clip > 0:
                     torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip)
@@ -557,10 +654,21 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 loss_sum += total
                 loss_count += 1
             step += 1
+            if selector is not None and step < total_steps:
+                selector.maybe_refresh(step, student, tokens)
             if bar is not None:
                 bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
                 now = time.perf_counter()
+                skipped += int(skipped_dev)
+                skipped_dev.zero_()
+                if skipped > 20:
+                    raise LeafkdError(f"training diverged: {skipped} steps with non-finite loss; lower --lr")
+                loss_count = float(loss_count)
+                if world > 1 and part_sums:
+                    reduced = dist_.all_reduce_sum(torch.stack([torch.as_tensor(v, device=device).float()
+                                                                for v in part_sums.values()])) / world
+                    part_sums = dict(zip(part_sums, reduced))
                 mean_loss = float(loss_sum / max(loss_count, 1))
                 rec = {"type": "train", "step": step, "epoch": epoch, "loss": mean_loss,
                        "lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples_since / (now - t_last),
@@ -578,7 +686,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
                 save_checkpoint(out, {"step": step, "epoch": epoch, "position": position, "model": student.state_dict(),
                                       "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-                                      "result_key": cfg.result_key(), "config": asdict(cfg)}, cfg.keep_checkpoints)
+                                      "result_key": cfg.result_key(), "config": asdict(cfg),
+                                      "selection": selector.state_dict() if selector is not None else None},
+                                cfg.keep_checkpoints)
     finally:
         if bar is not None:
             bar.close()
@@ -603,13 +713,17 @@ def train(cfg: TrainConfig, log=print) -> dict:
         "steps": step,
         "config": asdict(cfg),
         "metrics": {"final": final, "ridge_baseline": {k: baseline[k] for k in final} if baseline else None},
+        "selection": selector.summary_for_model() if selector is not None else None,
     }
-    with atomic.atomic_dir(model_dir) as tmp:
-        student.to("cpu").save(str(tmp))
-        atomic.write_json(tmp / "leafkd.json", info)
+    if is_main:
+        with atomic.atomic_dir(model_dir) as tmp:
+            student.to("cpu").save(str(tmp))
+            atomic.write_json(tmp / "leafkd.json", info)
     save_checkpoint(out, {"step": step, "epoch": epoch, "position": position, "model": student.state_dict(),
                           "optimizer": optimizer.state_dict(), "rng": _rng_state(), "result_key": cfg.result_key(),
-                          "config": asdict(cfg)}, cfg.keep_checkpoints)
-    if cfg.plot:
+                          "config": asdict(cfg), "selection": selector.state_dict() if selector is not None else None},
+                    cfg.keep_checkpoints)
+    if cfg.plot and is_main:
         plot_curves(metrics.records, out / "curves.png")
+    dist_.barrier()  # the others return once rank 0 has written the model
     return {"model": str(model_dir), "final": final, "ridge_baseline": info["metrics"]["ridge_baseline"], "steps": step}
