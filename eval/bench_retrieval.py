@@ -4,16 +4,20 @@ and FAISS CPU vs GPU flat search on synthetic vectors.
 
 Measures, on one machine in one run:
   1. index build: teacher embedding of the corpus + FAISS build (docs/s);
-  2. single-query latency p50/p99 in process (encode + search) for both modes;
-  3. batched in-process throughput (queries/s) for both modes;
+  2. single-query latency p50/p99 in process (encode + search) for both modes, after the server's warm-up
+     (every length bucket, CUDA graphs captured, gc frozen);
+  3. batched in-process throughput (queries/s, time-based) at several batch sizes for both modes, with a
+     tokenise / embed / FAISS / hits breakdown, and the asymmetric / teacher ratio per batch size;
   4. single-query latency over HTTP (`leafkd serve` subprocess, keep-alive client) and queries/s under
      concurrent load (several client processes, many requests in flight; the server micro-batches);
-  5. FAISS flat inner-product search at the given sizes (synthetic normalised vectors): CPU, and GPU float32 /
-     float16 (and sharded over all GPUs when there are several) when faiss-gpu sees a GPU -- otherwise a note.
+  5. flat inner-product search at the given sizes (synthetic normalised vectors) at several query batch sizes:
+     FAISS CPU; when faiss-gpu sees a GPU, FAISS GPU fp32 / fp16 (cloned index; with a larger scratch memory;
+     with and without cuVS where the build has it), FAISS knn_gpu (bfKnn) on fp16 torch tensors, and a clearly
+     labelled torch matmul+topk reference -- each with recall@10 against the exact CPU result.
 
 Writes OUT.json and OUT.md and prints a compact table. Runs on CPU (use small sizes) and on GPUs.
 
-Example (H100):
+Example (H100, about 5 minutes):
   python eval/bench_retrieval.py --teacher models/all-mpnet-base-v2 --student runs/student \\
       --corpus /data/beir/scifact --sizes 100000,1000000 --dim 768 --out eval/bench_retrieval_h100
 """
@@ -37,7 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# TOKENIZERS_PARALLELISM is left at its default (parallel), as in `leafkd serve`: batches tokenise on all cores.
 
 import numpy as np  # noqa: E402
 
@@ -78,28 +82,60 @@ def load_queries(corpus: Path, path: str | None, n: int, docs) -> list[str]:
 # ----------------------------------------------------------------------------------------------- in process
 
 
-def bench_inprocess(retriever, queries: list[str], top_k: int, batch: int, warmup: int = 20) -> dict:
+def _timed(fn, min_time: float = 2.0, min_calls: int = 3) -> float:
+    """Seconds per call of ``fn``, averaged over at least ``min_time`` seconds and ``min_calls`` calls."""
+    n = 0
+    t0 = time.perf_counter()
+    while n < min_calls or time.perf_counter() - t0 < min_time:
+        fn()
+        n += 1
+    return (time.perf_counter() - t0) / n
+
+
+def bench_inprocess(retriever, queries: list[str], top_k: int, batches: list[int], warmup: int = 50,
+                    min_time: float = 2.0) -> dict:
+    retriever.warmup(freeze_gc=True)  # what the server does: every length bucket warm, CUDA graphs captured
     for q in queries[:warmup]:
         retriever.search([q], top_k)
     lat, enc = [], []
     for q in queries:
         t0 = time.perf_counter()
-        v = retriever.embed([q])
-        sync_cuda()
+        v = retriever.embed([q])  # returns host numpy: the GPU work is done
         t1 = time.perf_counter()
         retriever.search_vectors(v, top_k)
         t2 = time.perf_counter()
         enc.append((t1 - t0) * 1e3)
         lat.append((t2 - t0) * 1e3)
-    # batched throughput: the server's micro-batches at full load look like this
-    reps = max(1, 4 * batch // max(len(queries), 1))
-    pool = (queries * reps)[: max(batch * 4, batch)]
-    retriever.search(pool[:batch], top_k)
-    t0 = time.perf_counter()
-    for s in range(0, len(pool), batch):
-        retriever.search(pool[s : s + batch], top_k)
-    qps = len(pool) / (time.perf_counter() - t0)
-    return {"latency_ms": pct(lat), "encode_ms": pct(enc), "batched_qps": round(qps, 1), "batch": batch}
+    out = {"latency_ms": pct(lat), "encode_ms": pct(enc), "batched": {}}
+    # batched throughput (the server's micro-batches at full load look like this), time-based
+    for batch in batches:
+        pool = (queries * (-(-4 * batch // max(len(queries), 1))))[: 4 * batch]
+        chunks = [pool[s : s + batch] for s in range(0, len(pool), batch)]
+        state = {"i": 0}
+
+        def step():
+            retriever.search(chunks[state["i"] % len(chunks)], top_k)
+            state["i"] += 1
+
+        step()
+        per_call = _timed(step, min_time)
+        # where the time goes, for the first chunk
+        c = chunks[0]
+        t_tok = _timed(lambda: retriever.encoder.tokenize(c), 0.3)
+        t_emb = _timed(lambda: retriever.embed(c), 0.5)
+        vecs = retriever.embed(c)
+        t_search = _timed(lambda: retriever.index.search(vecs, top_k), 0.3)
+        t_hits = _timed(lambda: retriever.search_vectors(vecs, top_k), 0.3)
+        out["batched"][str(batch)] = {"qps": round(batch / per_call, 1), "ms_per_batch": round(per_call * 1e3, 3),
+                                      "tokenize_ms": round(t_tok * 1e3, 3), "embed_ms": round(t_emb * 1e3, 3),
+                                      "faiss_ms": round(t_search * 1e3, 3), "search_with_hits_ms": round(t_hits * 1e3, 3)}
+    first = str(batches[0])
+    out["batched_qps"] = out["batched"][first]["qps"]
+    out["batch"] = batches[0]
+    info = retriever.info()
+    out["encoder"] = {k: info.get(k) for k in ("encoder_device", "encoder_dtype", "encoder_fast_path", "cuda_graphs",
+                                               "cuda_graph_error", "index_device")}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- HTTP
@@ -222,17 +258,12 @@ def synthetic(n: int, d: int, seed: int = 0, chunk: int = 200_000) -> np.ndarray
     return x
 
 
-def time_search(index, q: np.ndarray, k: int, min_time: float = 1.0) -> float:
-    index.search(q[: min(len(q), 64)], k)  # warm up
+def time_search(search, q, min_time: float = 1.0) -> float:
+    """Queries/s of ``search(q)`` (a whole batch per call), after one warm-up call."""
+    search(q)
     sync_cuda()
-    n = 0
-    t0 = time.perf_counter()
-    while True:
-        index.search(q, k)
-        n += len(q)
-        if time.perf_counter() - t0 >= min_time:
-            break
-    return n / (time.perf_counter() - t0)
+    per_call = _timed(lambda: (search(q), sync_cuda()), min_time, min_calls=2)
+    return len(q) / per_call
 
 
 def single_latency(index, q: np.ndarray, k: int, reps: int = 50) -> dict:
@@ -244,41 +275,138 @@ def single_latency(index, q: np.ndarray, k: int, reps: int = 50) -> dict:
     return pct(lat)
 
 
-def bench_faiss(sizes: list[int], dim: int, nq: int, nq_cpu: int, k: int) -> tuple[list[dict], list[str]]:
+def _gpu_engines(cpu_index, x: np.ndarray, k: int, notes: list[str]):
+    """(name, make) pairs: each make() returns (search(q_numpy) callable, single-query index or None, cleanup)."""
     import faiss
 
-    from leafkd.index import gpu_count, index_to_gpu
+    from leafkd.index import _GpuRes, index_to_gpu
+
+    engines = []
+
+    def cloned(fp16: bool, use_cuvs=None, temp_mb: int | None = None):
+        def make():
+            res = None
+            if temp_mb:
+                res = faiss.StandardGpuResources()
+                res.setTempMemory(temp_mb << 20)
+            g = index_to_gpu(cpu_index, fp16=fp16, use_cuvs=use_cuvs, res=res)
+            return (lambda q: g.search(q, k)), g, (lambda: None)
+        return make
+
+    has_cuvs = hasattr(faiss.GpuClonerOptions(), "use_cuvs")
+    engines.append(("faiss GPU flat fp32", cloned(False, False if has_cuvs else None)))
+    engines.append(("faiss GPU flat fp16", cloned(True, False if has_cuvs else None)))
+    engines.append(("faiss GPU flat fp16, 4 GiB temp mem", cloned(True, False if has_cuvs else None, 4096)))
+    if has_cuvs:
+        engines.append(("faiss GPU flat fp32, cuVS", cloned(False, True)))
+        engines.append(("faiss GPU flat fp16, cuVS", cloned(True, True)))
+
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            def knn_fp16(dtype):
+                def make():
+                    import faiss.contrib.torch_utils  # noqa: F401  (knn_gpu on torch CUDA tensors, no copies)
+
+                    xb = torch.from_numpy(x).to("cuda").to(dtype)
+                    res = _GpuRes.get(0)
+
+                    def search(q):
+                        xq = torch.from_numpy(q).to("cuda", non_blocking=True).to(dtype)
+                        D, I = faiss.knn_gpu(res, xq, xb, k, metric=faiss.METRIC_INNER_PRODUCT)
+                        return D.cpu().numpy(), I.cpu().numpy()
+
+                    return search, None, (lambda: None)
+                return make
+
+            engines.append(("faiss knn_gpu (bfKnn) fp16 on torch tensors", knn_fp16(torch.float16)))
+
+            def torch_ref():
+                xb = torch.from_numpy(x).to("cuda").half()
+
+                def search(q):
+                    xq = torch.from_numpy(q).to("cuda", non_blocking=True).half()
+                    outs = []
+                    step = max(1, min(len(xq), int(4e9 // (2 * xb.shape[0]))))  # <= 4 GB of scores per step
+                    for s in range(0, len(xq), step):
+                        scores = xq[s : s + step] @ xb.T
+                        outs.append(torch.topk(scores, k, dim=1))
+                    return (torch.cat([o.values for o in outs]).float().cpu().numpy(),
+                            torch.cat([o.indices for o in outs]).cpu().numpy())
+
+                return search, None, (lambda: None)
+
+            engines.append(("REFERENCE torch fp16 matmul+topk (not FAISS)", torch_ref))
+    except ImportError:
+        pass
+    return engines
+
+
+def _recall(got_ids: np.ndarray, want_ids: np.ndarray) -> float:
+    hits = sum(len(set(g.tolist()) & set(w.tolist())) for g, w in zip(got_ids, want_ids))
+    return round(hits / max(want_ids.size, 1), 4)
+
+
+def bench_faiss(sizes: list[int], dim: int, batches: list[int], nq_cpu: int, k: int,
+                min_time: float = 1.0) -> tuple[list[dict], list[str]]:
+    import faiss
+
+    from leafkd.index import gpu_count
 
     rows, notes = [], []
     ngpu = gpu_count()
     if ngpu == 0:
         notes.append("FAISS GPU parts skipped: faiss-gpu is not installed or no GPU is visible")
-    queries = synthetic(max(nq, nq_cpu), dim, seed=1)
+    queries = synthetic(max(batches + [nq_cpu]) if ngpu else nq_cpu, dim, seed=1)
     for n in sizes:
         x = synthetic(n, dim)
         cpu = faiss.IndexFlatIP(dim)
         cpu.add(x)
-        rows.append({"size": n, "dim": dim, "engine": f"CPU flat fp32 ({faiss.omp_get_max_threads()} threads)",
-                     "batch": nq_cpu, "qps": round(time_search(cpu, queries[:nq_cpu], k), 1),
-                     "single_ms": single_latency(cpu, queries, k, reps=20)})
+        _, truth = cpu.search(queries[:200], k)  # exact top-k for the recall column
+        rows.append({"size": n, "dim": dim, "engine": f"faiss CPU flat fp32 ({faiss.omp_get_max_threads()} threads)",
+                     "batch": nq_cpu, "qps": round(time_search(lambda q: cpu.search(q, k), queries[:nq_cpu], min_time), 1),
+                     "single_ms": single_latency(cpu, queries, k, reps=20), "recall": 1.0})
         if ngpu:
-            for fp16 in (False, True):
+            for name, make in _gpu_engines(cpu, x, k, notes):
                 try:
-                    g = index_to_gpu(cpu, fp16=fp16)
-                    rows.append({"size": n, "dim": dim, "engine": f"GPU flat {'fp16' if fp16 else 'fp32'}", "batch": nq,
-                                 "qps": round(time_search(g, queries[:nq], k), 1), "single_ms": single_latency(g, queries, k)})
-                    del g
+                    search, single_index, cleanup = make()
                 except Exception as e:
-                    notes.append(f"GPU flat fp16={fp16} at {n}: {e}")
+                    notes.append(f"{name} at {n}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__}")
+                    continue
+                try:
+                    recall = _recall(search(queries[:200])[1], truth)
+                    single = single_latency(single_index, queries, k) if single_index is not None else None
+                    for b in batches:
+                        rows.append({"size": n, "dim": dim, "engine": name, "batch": b,
+                                     "qps": round(time_search(search, queries[:b], min_time), 1),
+                                     "single_ms": single, "recall": recall})
+                        print(f"faiss {n:,} {name} batch {b}: {rows[-1]['qps']:,} q/s", file=sys.stderr)
+                except Exception as e:
+                    notes.append(f"{name} at {n}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__}")
+                finally:
+                    del search, single_index
+                    cleanup()
+                    sync_cuda()
             if ngpu > 1:
+                from leafkd.index import index_to_gpu
+
                 try:
                     g = index_to_gpu(cpu, fp16=True, shards=-1)
-                    rows.append({"size": n, "dim": dim, "engine": f"GPU flat fp16 sharded x{ngpu}", "batch": nq,
-                                 "qps": round(time_search(g, queries[:nq], k), 1), "single_ms": single_latency(g, queries, k)})
+                    rows.append({"size": n, "dim": dim, "engine": f"faiss GPU flat fp16 sharded x{ngpu}", "batch": batches[-1],
+                                 "qps": round(time_search(lambda q: g.search(q, k), queries[: batches[-1]], min_time), 1),
+                                 "single_ms": single_latency(g, queries, k), "recall": None})
                     del g
                 except Exception as e:
                     notes.append(f"GPU sharded at {n}: {e}")
         del cpu, x
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
     return rows, notes
 
 
@@ -306,7 +434,7 @@ def main() -> int:
     ap.add_argument("--factory", default="Flat")
     ap.add_argument("--index-dir", default=None, help="reuse/keep the built index here (default: a temp folder)")
     ap.add_argument("--n-queries", type=int, default=500, help="single-query latency samples per mode")
-    ap.add_argument("--batch", type=int, default=256, help="batch size for in-process throughput")
+    ap.add_argument("--batch", default="256,1024", help="batch sizes for in-process throughput (comma list)")
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--http-requests", type=int, default=4000, help="requests in the concurrent load test")
     ap.add_argument("--concurrency", type=int, default=128)
@@ -314,7 +442,9 @@ def main() -> int:
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
     ap.add_argument("--sizes", default="100000,1000000", help="synthetic FAISS sizes")
     ap.add_argument("--dim", type=int, default=768, help="synthetic vector dimension")
-    ap.add_argument("--faiss-queries", type=int, default=10000, help="query batch for GPU FAISS")
+    ap.add_argument("--faiss-queries", default="4096,16384,65536", help="query batch sizes for GPU FAISS (comma list)")
+    ap.add_argument("--min-time", type=float, default=1.0, help="seconds per FAISS throughput measurement")
+    ap.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--faiss-queries-cpu", type=int, default=1000, help="query batch for CPU FAISS")
     ap.add_argument("--device", default=None, help="torch device for encoders (default: cuda if present)")
     ap.add_argument("--no-gpu-faiss", action="store_true", help="search the retrieval index on the CPU")
@@ -325,6 +455,8 @@ def main() -> int:
 
     import torch
 
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     import leafkd
     from leafkd.index import build_index, faiss_build_name, gpu_count, load_index, read_documents
     from leafkd.models import load_model, resolve_model
@@ -377,7 +509,7 @@ def main() -> int:
     }
     for mode, make in retrievers.items():
         r = make()
-        result["inprocess"][mode] = bench_inprocess(r, queries, args.top_k, args.batch)
+        result["inprocess"][mode] = bench_inprocess(r, queries, args.top_k, [int(b) for b in str(args.batch).split(",") if b.strip()])
         print(f"{mode} in process: {result['inprocess'][mode]}", file=sys.stderr)
         del r
         if cuda:
@@ -400,7 +532,8 @@ def main() -> int:
     # 5. FAISS scale
     if not args.skip_faiss:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-        rows, fnotes = bench_faiss(sizes, args.dim, args.faiss_queries, args.faiss_queries_cpu, args.top_k)
+        fb = [int(b) for b in str(args.faiss_queries).split(",") if b.strip()]
+        rows, fnotes = bench_faiss(sizes, args.dim, fb, args.faiss_queries_cpu, args.top_k, args.min_time)
         result["faiss"] = rows
         notes += fnotes
     result["memory_mib_per_million_docs"] = memory_table()
@@ -427,24 +560,44 @@ def render_markdown(r: dict) -> str:
         lines += [f"Index build ({b['factory']}): {b['documents']} documents in {b['seconds']} s "
                   f"({b['docs_per_s']} docs/s, teacher embedding + FAISS).", ""]
     lines += ["## Query path (top-10)", "",
-              "| mode | in-process p50 ms | p99 ms | encode p50 ms | batched q/s | HTTP p50 ms | HTTP p99 ms | "
-              "HTTP q/s under load | mean batch | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| mode | in-process p50 ms | p99 ms | encode p50 ms | encode p99 ms | batched q/s | HTTP p50 ms | HTTP p99 ms | "
+              "HTTP q/s under load | load p50 ms | load p99 ms | mean batch | errors |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode in ("asymmetric", "teacher"):
         ip = r.get("inprocess", {}).get(mode)
         hp = r.get("http", {}).get(mode)
         if not ip:
             continue
-        cells = [mode, ip["latency_ms"]["p50"], ip["latency_ms"]["p99"], ip["encode_ms"]["p50"], ip["batched_qps"]]
+        cells = [mode, ip["latency_ms"]["p50"], ip["latency_ms"]["p99"], ip["encode_ms"]["p50"], ip["encode_ms"]["p99"],
+                 f"{ip['batched_qps']} (batch {ip['batch']})"]
         if hp:
             cells += [hp["single_latency_ms"]["p50"], hp["single_latency_ms"]["p99"], hp["load"]["qps"],
-                      hp["load"]["mean_batch"], hp["load"]["errors"]]
+                      hp["load"]["latency_ms"]["p50"], hp["load"]["latency_ms"]["p99"], hp["load"]["mean_batch"],
+                      hp["load"]["errors"]]
         else:
-            cells += ["-"] * 5
+            cells += ["-"] * 7
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     ip = r.get("inprocess", {})
+    if ip:
+        lines += ["", "Batched in process (search = tokenise + encode + FAISS + hits; breakdown per batch in ms):", "",
+                  "| mode | batch | q/s | ms/batch | tokenise | embed (incl. tokenise) | FAISS | search+hits |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for mode, v in ip.items():
+            for b, row in v.get("batched", {}).items():
+                lines.append(f"| {mode} | {b} | {row['qps']} | {row['ms_per_batch']} | {row['tokenize_ms']} | "
+                             f"{row['embed_ms']} | {row['faiss_ms']} | {row['search_with_hits_ms']} |")
+        for mode, v in ip.items():
+            e = v.get("encoder", {})
+            lines.append(f"\n{mode} encoder: {e.get('encoder_device')} {e.get('encoder_dtype')}, fused fast path "
+                         f"{e.get('encoder_fast_path')}, {e.get('cuda_graphs')} CUDA graphs"
+                         + (f" (capture error: {e['cuda_graph_error']})" if e.get("cuda_graph_error") else "")
+                         + f"; index on {e.get('index_device')}")
     if "asymmetric" in ip and "teacher" in ip:
-        ratio = ip["asymmetric"]["batched_qps"] / max(ip["teacher"]["batched_qps"], 1e-9)
-        lines += ["", f"Asymmetric / teacher-symmetric batched throughput in process: {ratio:.2f}x"]
+        lines.append("")
+        for b in ip["asymmetric"].get("batched", {}):
+            if b in ip["teacher"].get("batched", {}):
+                ratio = ip["asymmetric"]["batched"][b]["qps"] / max(ip["teacher"]["batched"][b]["qps"], 1e-9)
+                lines.append(f"Asymmetric / teacher-symmetric batched throughput in process, batch {b}: {ratio:.2f}x")
         hp = r.get("http", {})
         if "asymmetric" in hp and "teacher" in hp:
             ratio = hp["asymmetric"]["load"]["qps"] / max(hp["teacher"]["load"]["qps"], 1e-9)
@@ -452,11 +605,22 @@ def render_markdown(r: dict) -> str:
                          f"(concurrency {hp['asymmetric']['load']['concurrency']}, "
                          f"{hp['asymmetric']['load']['client_procs']} client processes)")
     if r.get("faiss"):
-        lines += ["", "## FAISS flat inner-product search (synthetic normalised vectors, top-10)", "",
-                  "| documents | dim | engine | query batch | q/s batched | single query p50 ms |", "|---|---|---|---|---|---|"]
+        lines += ["", "## Flat inner-product search (synthetic normalised vectors, top-10)", "",
+                  "| documents | dim | engine | query batch | q/s batched | recall@10 vs exact | single query p50 ms |",
+                  "|---|---|---|---|---|---|---|"]
         for row in r["faiss"]:
+            single = row["single_ms"]["p50"] if row.get("single_ms") else "-"
             lines.append(f"| {row['size']:,} | {row['dim']} | {row['engine']} | {row['batch']} | {row['qps']:,} | "
-                         f"{row['single_ms']['p50']} |")
+                         f"{row.get('recall', '-')} | {single} |")
+        lines.append("")
+        for n in sorted({row["size"] for row in r["faiss"]}):
+            for kind in ("fp32", "fp16"):
+                cand = [row for row in r["faiss"] if row["size"] == n and row["engine"].startswith("faiss")
+                        and "GPU" in row["engine"] and kind in row["engine"] or
+                        (row["size"] == n and kind == "fp16" and row["engine"].startswith("faiss knn_gpu"))]
+                if cand:
+                    best = max(cand, key=lambda row: row["qps"])
+                    lines.append(f"Best FAISS GPU {kind} at {n:,}: {best['qps']:,} q/s ({best['engine']}, batch {best['batch']})")
     lines += ["", "## Vector memory per million documents (MiB)", "",
               "| dim | float32 | float16 | SQ8 | PQ32 | PQ64 | PQ96 |", "|---|---|---|---|---|---|---|"]
     for row in r["memory_mib_per_million_docs"]:

@@ -8,11 +8,16 @@ produces the same vectors as an uninterrupted run.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from leafkd import atomic
+from leafkd import distributed as dist_
 from leafkd.data import Corpus, text_hash
 from leafkd.encode import encode_tokens, max_seq_length, tokenize
 from leafkd.errors import LeafkdError
@@ -21,11 +26,12 @@ from leafkd.store import VectorStore
 
 
 def pick_device(device: str | None = None) -> torch.device:
+    """The torch device for an option (auto, cpu, cuda, cuda:N); under torchrun bare cuda is cuda:LOCAL_RANK."""
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return dist_.device_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise LeafkdError(f"device {device!r} asked for, but no CUDA GPU is available")
-    return torch.device(device)
+    return dist_.device_for(torch.device(device))
 
 
 def _hash_matrix(texts: list[str]) -> np.ndarray:
@@ -53,8 +59,12 @@ def capture(teacher: str | Path, corpus: Corpus, out: str | Path, *, prompt: str
             normalize: bool = False, shard_size: int = 65536, batch_tokens: int | None = None,
             device: str | None = None, dtype: str | None = None, show_progress: bool = True,
             model=None) -> VectorStore:
-    """Embed `corpus` with the teacher into a vector store at `out` (resuming one that is there)."""
+    """Embed `corpus` with the teacher into a vector store at `out` (resuming one that is there).
+
+    Under `torchrun` (WORLD_SIZE > 1) the shards are split over the ranks; see `_capture_distributed`.
+    """
     out = Path(out)
+    dist_.init_from_env(device)
     teacher_path = resolve_model(teacher)
     fp = fingerprint(teacher_path, prompt=prompt, normalize=normalize)
     dev = pick_device(device)
@@ -63,8 +73,13 @@ def capture(teacher: str | Path, corpus: Corpus, out: str | Path, *, prompt: str
         if dev.type == "cuda":
             model.to(torch.bfloat16)  # a capture-only copy: half-precision weights, no autocast overhead
     dim = (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)()
-    store = _open_or_create(out, fp, dim, {"teacher": str(teacher_path), "prompt": prompt, "normalize": normalize,
-                                           "max_seq_length": max_seq_length(model), "truncated": 0})
+    meta = {"teacher": str(teacher_path), "prompt": prompt, "normalize": normalize,
+            "max_seq_length": max_seq_length(model), "truncated": 0}
+    if dist_.world_size() > 1:
+        return _capture_distributed(model, corpus, out, fp, dim, meta, prompt=prompt, normalize=normalize,
+                                    shard_size=shard_size, batch_tokens=batch_tokens, dev=dev, dtype=dtype,
+                                    show_progress=show_progress)
+    store = _open_or_create(out, fp, dim, meta)
     todo = _remaining(store, corpus.texts)
     if not todo:
         store.update(complete=True)
@@ -79,6 +94,16 @@ def capture(teacher: str | Path, corpus: Corpus, out: str | Path, *, prompt: str
     try:
         for start in range(0, len(todo), shard_size):
             texts = todo[start : start + shard_size]
+            if (out / PENDING).is_dir():  # shards a killed distributed run finished: list them, skip the work
+                k = len(store.manifest["shards"])
+                rec = _pending(out, k, _chunk_digest(_hash_matrix(texts)))
+                if rec is not None:
+                    truncated += int(rec["truncated"])
+                    store.add_shards([rec["entry"]], truncated=truncated)
+                    if bar is not None:
+                        bar.update(len(texts))
+                    continue
+                (out / PENDING / f"shard-{k:05d}.json").unlink(missing_ok=True)  # stale: shard k is rewritten
             tokens, n_trunc = tokenize(model, texts, prompt=prompt)
             vecs = encode_tokens(model, tokens, batch_tokens=batch_tokens, device=dev, dtype=dtype,
                                  progress=bar.update if bar else None)
@@ -96,9 +121,105 @@ def capture(teacher: str | Path, corpus: Corpus, out: str | Path, *, prompt: str
     return store
 
 
+# -- distributed capture -------------------------------------------------------------------------------------
+PENDING = ".pending"  # per-shard completion records of a distributed capture, merged into the manifest at the end
+
+
+def _chunk_digest(hashes: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(hashes).tobytes()).hexdigest()
+
+
+def _pending(out: Path, k: int, digest: str) -> dict | None:
+    """The completion record of shard k if a rank finished exactly this chunk of texts (files present)."""
+    path = out / PENDING / f"shard-{k:05d}.json"
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if rec.get("digest") != digest or not all((out / rec["entry"][key]).exists() for key in ("vectors", "texts", "hashes")):
+        return None
+    return rec
+
+
+def _capture_distributed(model, corpus: Corpus, out: Path, fp: str, dim: int, meta: dict, *, prompt, normalize,
+                         shard_size, batch_tokens, dev, dtype, show_progress) -> VectorStore:
+    """Capture with every torchrun rank: the same shards as one process, shard k embedded by rank k % world.
+
+    All ranks cut the remaining texts into the same `shard_size` chunks (corpus order minus stored hashes).
+    A rank writes each of its shards' files under their final names, then a record in OUT/.pending/ (its
+    progress: a killed run, restarted with any number of ranks, skips every recorded shard). When all ranks
+    are done, rank 0 lists the new shards in shard order with one atomic manifest write, so the store is the
+    one a single process writes (same texts order; same vectors where the math is deterministic).
+    """
+    world, r = dist_.world_size(), dist_.rank()
+    if r == 0:
+        store = _open_or_create(out, fp, dim, meta)
+    dist_.barrier()
+    if r != 0:
+        store = _open_or_create(out, fp, dim, meta)
+    todo = _remaining(store, corpus.texts)
+    k0 = len(store.manifest["shards"])
+    starts = list(range(0, len(todo), shard_size))
+    mine = [(k0 + j, start) for j, start in enumerate(starts) if (k0 + j) % world == r]
+    bar = None
+    if show_progress and r == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(len(todo[s : s + shard_size]) for _, s in mine), desc=f"capture (rank 0 of {world})",
+                   unit="text", smoothing=0.05)
+    try:
+        for k, start in mine:
+            texts = todo[start : start + shard_size]
+            hashes = _hash_matrix(texts)
+            digest = _chunk_digest(hashes)
+            if _pending(out, k, digest) is not None:
+                if bar is not None:
+                    bar.update(len(texts))
+                continue
+            tokens, n_trunc = tokenize(model, texts, prompt=prompt)
+            vecs = encode_tokens(model, tokens, batch_tokens=batch_tokens, device=dev, dtype=dtype,
+                                 progress=bar.update if bar else None)
+            if normalize:
+                vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+            if not np.isfinite(vecs).all():
+                raise LeafkdError("the teacher produced non-finite vectors; check the model and precision")
+            entry = store.write_shard(k, vecs.astype(np.float16), texts, hashes)
+            atomic.write_json(out / PENDING / f"shard-{k:05d}.json",
+                              {"entry": entry, "digest": digest, "truncated": int(n_trunc), "rank": r})
+    finally:
+        if bar is not None:
+            bar.close()
+    dist_.barrier()
+    if r == 0:
+        entries, truncated = [], int(store.manifest.get("truncated", 0))
+        for j, start in enumerate(starts):
+            rec = _pending(out, k0 + j, _chunk_digest(_hash_matrix(todo[start : start + shard_size])))
+            if rec is None:
+                raise LeafkdError(f"{out}: shard {k0 + j} is missing after all ranks finished")
+            entries.append(rec["entry"])
+            truncated += int(rec["truncated"])
+        store.add_shards(entries, truncated=truncated, complete=True)
+        shutil.rmtree(out / PENDING, ignore_errors=True)
+    dist_.barrier()
+    return VectorStore.open(out)
+
+
 def capture_blackbox(corpus_texts: list[str], vectors_path: str | Path, out: str | Path, *,
                      normalize: bool = False, shard_size: int = 65536) -> VectorStore:
-    """Store precomputed teacher vectors (a black-box teacher): row i of the .npy embeds text i."""
+    """Store precomputed teacher vectors (a black-box teacher): row i of the .npy embeds text i.
+
+    Under torchrun rank 0 writes the store (no model runs: it is I/O) while the others wait, then open it.
+    """
+    if dist_.world_size() == 1:
+        return _capture_blackbox(corpus_texts, vectors_path, out, normalize=normalize, shard_size=shard_size)
+    store = _capture_blackbox(corpus_texts, vectors_path, out, normalize=normalize, shard_size=shard_size) \
+        if dist_.is_main() else None
+    dist_.barrier()
+    return store if store is not None else VectorStore.open(out)
+
+
+def _capture_blackbox(corpus_texts: list[str], vectors_path: str | Path, out: str | Path, *,
+                      normalize: bool = False, shard_size: int = 65536) -> VectorStore:
     vectors_path = Path(vectors_path)
     if not vectors_path.exists():
         raise LeafkdError(f"{vectors_path}: no such file")

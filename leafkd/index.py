@@ -224,29 +224,56 @@ def default_search_params(factory: str) -> dict[str, Any]:
 
 
 class _GpuRes:
-    """One StandardGpuResources per process and device (they hold scratch memory and streams)."""
+    """One StandardGpuResources per process and device (they hold scratch memory and streams).
+
+    ``LEAFKD_FAISS_TEMP_MB`` sets the scratch ("temp") memory: flat search tiles the distance matrix to fit it,
+    so more scratch means fewer, larger GEMM + k-selection passes on big indexes.
+    """
 
     _res: dict[int, Any] = {}
 
     @classmethod
     def get(cls, device: int = 0):
         if device not in cls._res:
-            cls._res[device] = _faiss().StandardGpuResources()
+            res = _faiss().StandardGpuResources()
+            temp_mb = os.environ.get("LEAFKD_FAISS_TEMP_MB")
+            if temp_mb:
+                res.setTempMemory(int(float(temp_mb) * 2**20))
+            cls._res[device] = res
         return cls._res[device]
 
 
-def index_to_gpu(index, fp16: bool = False, shards: int = 1):
+def _env_flag(name: str) -> bool | None:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    return v.lower() not in ("0", "false", "no", "off")
+
+
+def gpu_cloner_options(fp16: bool = False, use_cuvs: bool | None = None, multiple: bool = False):
+    """Cloner options for `index_to_gpu`: float16 storage (``fp16``: half the memory; the flat GEMM runs on fp16
+    tensor cores) and, where this FAISS build has cuVS, whether to use it (``None``: FAISS's default, or
+    ``LEAFKD_FAISS_CUVS=0/1``)."""
+    faiss = _faiss()
+    co = faiss.GpuMultipleClonerOptions() if multiple else faiss.GpuClonerOptions()
+    co.useFloat16 = bool(fp16)
+    if use_cuvs is None:
+        use_cuvs = _env_flag("LEAFKD_FAISS_CUVS")
+    if use_cuvs is not None and hasattr(co, "use_cuvs"):
+        co.use_cuvs = bool(use_cuvs)
+    return co
+
+
+def index_to_gpu(index, fp16: bool = False, shards: int = 1, use_cuvs: bool | None = None, res=None):
     """Clone a CPU index to one GPU, or shard it over ``shards`` GPUs (``-1``: all). Raises if unsupported."""
     faiss = _faiss()
     ngpu = gpu_count()
     if ngpu == 0:
         raise LeafkdError("no GPU visible to FAISS (faiss-cpu, or no CUDA device)")
     if shards == 1 or ngpu == 1:
-        co = faiss.GpuClonerOptions()
-        co.useFloat16 = bool(fp16)
-        return faiss.index_cpu_to_gpu(_GpuRes.get(0), 0, index, co)
-    co = faiss.GpuMultipleClonerOptions()
-    co.useFloat16 = bool(fp16)
+        co = gpu_cloner_options(fp16, use_cuvs)
+        return faiss.index_cpu_to_gpu(res if res is not None else _GpuRes.get(0), 0, index, co)
+    co = gpu_cloner_options(fp16, use_cuvs, multiple=True)
     co.shard = True  # split the vectors over the GPUs (IndexShards); queries go to all of them
     n = ngpu if shards < 0 else min(shards, ngpu)
     return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=n)

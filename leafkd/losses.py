@@ -140,10 +140,13 @@ class RelationalLoss(nn.Module):
         super().__init__()
         self.temperature = temperature
 
-    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+    def forward(self, student: Tensor, teacher: Tensor, keys: Tensor | None = None) -> Tensor:
+        """``keys``: the teacher vectors of the whole batch when ``student``/``teacher`` are one rank's rows of it
+        (distributed training): each row's loss only needs its own vectors and the batch's teacher vectors."""
         tau = self.temperature
-        log_p_s = F.log_softmax(student @ teacher.T / tau, dim=-1)
-        log_p_t = F.log_softmax(teacher @ teacher.T / tau, dim=-1)
+        keys = teacher if keys is None else keys
+        log_p_s = F.log_softmax(student @ keys.T / tau, dim=-1)
+        log_p_t = F.log_softmax(teacher @ keys.T / tau, dim=-1)
         return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * tau * tau
 
 
@@ -157,11 +160,14 @@ class CombinedLoss(nn.Module):
         self.weights = {name: float(w) for name, (w, _) in parts.items()}
         self.losses = nn.ModuleDict({name: m for name, (_, m) in parts.items()})
 
-    def forward(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, student: Tensor, teacher: Tensor, keys: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         total = student.new_zeros(())
         report: dict[str, float] = {}
         for name, module in self.losses.items():
-            value = module(student, teacher) * self.weights[name]
+            if keys is not None and isinstance(module, RelationalLoss):
+                value = module(student, teacher, keys) * self.weights[name]
+            else:
+                value = module(student, teacher) * self.weights[name]
             total = total + value
             report[name] = value.detach()
         return total, report

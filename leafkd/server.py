@@ -466,6 +466,17 @@ def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warn
             else:
                 self.should_exit = True
 
+    import gc
+    import os
+    import sys
+
+    # The batcher thread and the event loop share the GIL; with the default 5 ms switch interval a busy batcher
+    # (tokenising, launching kernels) delays every socket event by up to 5 ms. 1 ms keeps the loop responsive.
+    sys.setswitchinterval(float(os.environ.get("LEAFKD_SWITCH_INTERVAL", "0.001")))
+    # Everything alive now (models, index, document store) is long-lived: keep it out of the GC's scans so a
+    # generation-2 collection never stalls a request for tens of ms.
+    gc.collect()
+    gc.freeze()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout,
                             access_log=False)
     server = _Server(config)

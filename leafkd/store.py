@@ -117,15 +117,33 @@ class VectorStore:
             raise LeafkdError(f"vectors of shape {vectors.shape} do not match the store's dimension {self.dim}")
         if not (len(vectors) == len(texts) == len(hashes)):
             raise ValueError("vectors, texts and hashes must have the same length")
-        k = len(self.manifest["shards"])
+        entry = self.write_shard(len(self.manifest["shards"]), vectors, texts, hashes)
+        self.add_shards([entry])
+
+    def write_shard(self, k: int, vectors: np.ndarray, texts: list[str], hashes: np.ndarray) -> dict:
+        """Write shard number ``k``'s files (atomically) without listing them; returns its manifest entry.
+
+        Distributed capture: each rank writes its shards under their final names, and rank 0 lists them all
+        with `add_shards` once every rank is done (files not named by the manifest are not part of the store).
+        """
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise LeafkdError(f"vectors of shape {vectors.shape} do not match the store's dimension {self.dim}")
+        if not (len(vectors) == len(texts) == len(hashes)):
+            raise ValueError("vectors, texts and hashes must have the same length")
         names = {"vectors": f"vectors-{k:05d}.npy", "texts": f"texts-{k:05d}.jsonl", "hashes": f"hashes-{k:05d}.npy"}
         atomic.write_npy(self.path / names["vectors"], np.ascontiguousarray(vectors, dtype=np.float16))
         atomic.write_text(self.path / names["texts"], "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts))
         atomic.write_npy(self.path / names["hashes"], np.ascontiguousarray(hashes, dtype=np.uint8))
         names["sha256"] = {key: atomic.sha256_file(self.path / names[key]) for key in ("vectors", "texts", "hashes")}
         names["count"] = len(texts)
-        self.manifest["shards"].append(names)
-        self.manifest["count"] = self.count + len(texts)
+        return names
+
+    def add_shards(self, entries: list[dict], **fields) -> None:
+        """List written shards (in order) and update manifest fields: one atomic manifest write."""
+        for entry in entries:
+            self.manifest["shards"].append(entry)
+            self.manifest["count"] = self.count + int(entry["count"])
+        self.manifest.update(fields)
         self._write_manifest()
 
     def update(self, **fields) -> None:

@@ -95,3 +95,45 @@ def test_dimension_mismatch_refused(tmp_path):
                          teacher_fingerprint=S.teacher_fp(), log=lambda m: None)
     with pytest.raises(LeafkdError, match="384-d vectors, the index is 16-d"):
         Retriever.load(folder, student=S.student_dir())
+
+
+def test_fast_encoder_matches_sentence_transformers(retriever):
+    """The fused path (HF model + mean pooling + projection + normalise) gives SentenceTransformer.encode's vectors."""
+    enc = retriever.encoder
+    assert enc.fast and retriever.info()["encoder_fast_path"]
+    texts = ["a", "shock waves", "what similarity laws must be obeyed when constructing aeroelastic models of heated "
+             "high speed aircraft", "boundary layer " * 60]  # the last one is truncated to the max length
+    ref = S.teacher_model().encode(texts, convert_to_numpy=True, normalize_embeddings=True)
+    got = retriever.embed(texts)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert ((got * ref).sum(1) > 0.999).all()
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    # one text at a time equals the same text inside a padded batch: the mask keeps padding out
+    single = np.stack([retriever.embed([t])[0] for t in texts])
+    np.testing.assert_allclose(single, got, atol=1e-5)
+
+
+def test_padding_buckets_and_spare_rows_do_not_change_vectors():
+    import torch
+
+    from leafkd.retriever import QueryEncoder, fast_plan, length_bucket
+
+    assert [length_bucket(n, 40) for n in (1, 8, 9, 33, 41)] == [8, 8, 16, 40, 40]
+    assert length_bucket(600, 512) == 512 and length_bucket(100, 384) == 128
+    enc = QueryEncoder(S.teacher_model(), device="cpu")
+    texts = ["wing flutter", "heat transfer in laminar boundary layers at high mach numbers", "x"]
+    ids = enc.tokenize(texts)
+    assert all(t[0] == ids[0][0] for t in ids) and max(len(t) for t in ids) <= enc.max_length
+    tight = enc._run_eager(ids, max(len(t) for t in ids))
+    for width in (16, 24, enc.max_length):
+        np.testing.assert_allclose(enc._run_eager(ids, width), tight, atol=1e-5)
+    # spare batch rows (as in a CUDA graph padded to a batch bucket) get a one-token mask and are dropped
+    buf = np.empty((2, 8, 24), dtype=np.int64)
+    enc._fill(buf, ids, 24)
+    assert (buf[1, len(ids):, 0] == 1).all() and (buf[1, len(ids):, 1:] == 0).all()
+    assert (buf[0, 0, len(ids[0]):] == enc.pad_id).all()
+    with torch.inference_mode():
+        out = enc._forward(torch.from_numpy(buf[0]), torch.from_numpy(buf[1])).numpy()
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[: len(ids)], tight, atol=1e-5)
+    assert fast_plan(object()) is None

@@ -9,9 +9,11 @@ from leafkd.data import load_corpus
 
 
 def _run(args: argparse.Namespace) -> int:
+    from leafkd import distributed
     from leafkd.capture import capture, capture_blackbox
     from leafkd.errors import LeafkdError
 
+    distributed.init_from_env(args.device)  # under torchrun: one rank per GPU, shards split over the ranks
     corpus = load_corpus(args.data, args.max_texts, args.seed)
     t = time.perf_counter()
     if args.teacher_vectors:
@@ -23,6 +25,10 @@ def _run(args: argparse.Namespace) -> int:
     else:
         raise LeafkdError("give --teacher (a model) or --teacher-vectors (a .npy of precomputed vectors)")
     dt = time.perf_counter() - t
+    main = distributed.is_main()
+    distributed.shutdown()
+    if not main:
+        return 0
     print(f"{store.count} vectors ({store.dim}-d, float16) in {store.path}; teacher {store.fingerprint[:12]}; "
           f"{store.manifest.get('truncated', 0)} texts truncated; {dt:.1f} s")
     return 0

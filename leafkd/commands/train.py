@@ -56,7 +56,13 @@ def run_train(args: argparse.Namespace) -> int:
 
     overrides = {f.name: getattr(args, f.name, None) for f in fields(TrainConfig)}
     cfg = load_config(args.config, **overrides)
-    result = train(cfg)
+    from leafkd import distributed
+
+    result = train(cfg)  # joins the torchrun process group when launched by torchrun
+    main = distributed.is_main()
+    distributed.shutdown()
+    if not main:
+        return 0
     final, base = result["final"], result["ridge_baseline"]
     print(json.dumps({"model": result["model"], "steps": result["steps"], "final": final, "ridge_baseline": base}, indent=2))
     return 0
