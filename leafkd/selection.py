@@ -363,9 +363,13 @@ class Selector:
         if limit and len(idx) > limit:
             rng = np.random.default_rng([self.cfg.seed, 31, round_])
             idx = np.sort(rng.choice(idx, size=limit, replace=False))
-        vecs = encode_tokens(student, tokens.take(idx), device=self.device)
-        scores[idx] = difficulty(vecs, self.teacher[idx].astype(np.float32))
-        return scores
+        from leafkd import distributed as dist_
+
+        # Distributed: rank 0 scores and every rank takes its scores, so all ranks build the same batches.
+        if dist_.is_main():
+            vecs = encode_tokens(student, tokens.take(idx), device=self.device)
+            scores[idx] = difficulty(vecs, self.teacher[idx].astype(np.float32))
+        return dist_.broadcast_object(scores)
 
     def _choose(self, round_: int) -> tuple[np.ndarray, np.ndarray]:
         pool, cfg = self.pool, self.cfg
@@ -436,6 +440,10 @@ class Selector:
 
     def save(self) -> None:
         """`selection.npz` (arrays) and `selection.json` (summary, drops by reason, rounds) in the run folder."""
+        from leafkd import distributed as dist_
+
+        if not dist_.is_main():
+            return
         n = len(self.teacher)
         chosen = np.zeros(n, dtype=bool)
         chosen[self.chosen] = True
