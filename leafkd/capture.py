@@ -50,6 +50,19 @@ def _open_or_create(out: Path, fp: str, dim: int, meta: dict) -> VectorStore:
     return VectorStore.create(out, fp, dim, **meta)
 
 
+def _embed_shard(model, texts: list[str], prompt: str | None, normalize: bool, batch_tokens: int | None,
+                 dev: torch.device, dtype: str | None, bar) -> tuple[np.ndarray, int]:
+    """One shard's float32 teacher vectors (checked finite, optionally normalised) and its truncation count."""
+    tokens, n_trunc = tokenize(model, texts, prompt=prompt)
+    vecs = encode_tokens(model, tokens, batch_tokens=batch_tokens, device=dev, dtype=dtype,
+                         progress=bar.update if bar else None)
+    if normalize:
+        vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+    if not np.isfinite(vecs).all():
+        raise LeafkdError("the teacher produced non-finite vectors; check the model and precision")
+    return vecs, n_trunc
+
+
 def _remaining(store: VectorStore, corpus_texts: list[str]) -> list[str]:
     done = {bytes(h) for h in store.hashes()}
     return [t for t in corpus_texts if text_hash(t) not in done] if done else list(corpus_texts)
@@ -104,13 +117,7 @@ def capture(teacher: str | Path, corpus: Corpus, out: str | Path, *, prompt: str
                         bar.update(len(texts))
                     continue
                 (out / PENDING / f"shard-{k:05d}.json").unlink(missing_ok=True)  # stale: shard k is rewritten
-            tokens, n_trunc = tokenize(model, texts, prompt=prompt)
-            vecs = encode_tokens(model, tokens, batch_tokens=batch_tokens, device=dev, dtype=dtype,
-                                 progress=bar.update if bar else None)
-            if normalize:
-                vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
-            if not np.isfinite(vecs).all():
-                raise LeafkdError("the teacher produced non-finite vectors; check the model and precision")
+            vecs, n_trunc = _embed_shard(model, texts, prompt, normalize, batch_tokens, dev, dtype, bar)
             truncated += n_trunc
             store.append(vecs.astype(np.float16), texts, _hash_matrix(texts))
             store.update(truncated=truncated)
@@ -176,13 +183,7 @@ def _capture_distributed(model, corpus: Corpus, out: Path, fp: str, dim: int, me
                 if bar is not None:
                     bar.update(len(texts))
                 continue
-            tokens, n_trunc = tokenize(model, texts, prompt=prompt)
-            vecs = encode_tokens(model, tokens, batch_tokens=batch_tokens, device=dev, dtype=dtype,
-                                 progress=bar.update if bar else None)
-            if normalize:
-                vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
-            if not np.isfinite(vecs).all():
-                raise LeafkdError("the teacher produced non-finite vectors; check the model and precision")
+            vecs, n_trunc = _embed_shard(model, texts, prompt, normalize, batch_tokens, dev, dtype, bar)
             entry = store.write_shard(k, vecs.astype(np.float16), texts, hashes)
             atomic.write_json(out / PENDING / f"shard-{k:05d}.json",
                               {"entry": entry, "digest": digest, "truncated": int(n_trunc), "rank": r})

@@ -73,24 +73,29 @@ def join_title(title: str | None, text: str) -> str:
     return f"{title} {text}".strip() if title else text
 
 
-def _read_jsonl(path: Path, field_name: str | None) -> list[str]:
-    key = field_name or "text"
-    out: list[str] = []
+def iter_jsonl(path: Path):
+    """(line number, object) for each non-blank line; a malformed line is a one-line error naming file and line."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise LeafkdError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or key not in obj:
-                raise LeafkdError(f"{path}:{lineno}: no {key!r} field")
-            value = obj[key]
-            if not isinstance(value, str):
-                raise LeafkdError(f"{path}:{lineno}: field {key!r} is not a string")
-            title = obj.get("title") if field_name is None else None
-            out.append(join_title(title if isinstance(title, str) else None, value))
+
+
+def _read_jsonl(path: Path, field_name: str | None) -> list[str]:
+    key = field_name or "text"
+    out: list[str] = []
+    for lineno, obj in iter_jsonl(path):
+        if not isinstance(obj, dict) or key not in obj:
+            raise LeafkdError(f"{path}:{lineno}: no {key!r} field")
+        value = obj[key]
+        if not isinstance(value, str):
+            raise LeafkdError(f"{path}:{lineno}: field {key!r} is not a string")
+        title = obj.get("title") if field_name is None else None
+        out.append(join_title(title if isinstance(title, str) else None, value))
     return out
 
 
@@ -211,21 +216,14 @@ def _jsonl_records(path: Path, required: tuple[str, ...]) -> list[dict]:
     if not path.exists():
         raise LeafkdError(f"{path}: no such file")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LeafkdError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise LeafkdError(f"{path}:{lineno}: not a JSON object")
-            for key in required:
-                if key not in obj:
-                    raise LeafkdError(f"{path}:{lineno}: no {key!r} field")
-            obj["_id"] = str(obj["_id"])
-            out.append(obj)
+    for lineno, obj in iter_jsonl(path):
+        if not isinstance(obj, dict):
+            raise LeafkdError(f"{path}:{lineno}: not a JSON object")
+        for key in required:
+            if key not in obj:
+                raise LeafkdError(f"{path}:{lineno}: no {key!r} field")
+        obj["_id"] = str(obj["_id"])
+        out.append(obj)
     return out
 
 

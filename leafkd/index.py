@@ -40,7 +40,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from leafkd.atomic import atomic_dir, atomic_path, sha256_file, write_json, write_npy
-from leafkd.data import join_title
+from leafkd.data import iter_jsonl, join_title
 from leafkd.errors import LeafkdError
 
 FORMAT = "leafkd-index/1"
@@ -121,29 +121,23 @@ def read_documents(path: str | Path, id_start: int = 0, taken: set[str] | frozen
         raise LeafkdError(f"{path}: no such file")
     docs: list[Document] = []
     try:
-        with open(path, encoding="utf-8") as f:
-            if path.suffix == ".jsonl":
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise LeafkdError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                        raise LeafkdError(f"{path}:{lineno}: no string 'text' field")
-                    raw_id = obj.get("_id", obj.get("id"))
-                    doc_id = str(raw_id) if raw_id is not None else new_id()
-                    title = obj.get("title") if isinstance(obj.get("title"), str) else ""
-                    if not (title.strip() or obj["text"].strip()):
-                        continue
-                    docs.append(Document(doc_id, title, obj["text"]))
-            elif path.suffix in (".txt", ""):
+        if path.suffix == ".jsonl":
+            for lineno, obj in iter_jsonl(path):
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise LeafkdError(f"{path}:{lineno}: no string 'text' field")
+                raw_id = obj.get("_id", obj.get("id"))
+                doc_id = str(raw_id) if raw_id is not None else new_id()
+                title = obj.get("title") if isinstance(obj.get("title"), str) else ""
+                if not (title.strip() or obj["text"].strip()):
+                    continue
+                docs.append(Document(doc_id, title, obj["text"]))
+        elif path.suffix in (".txt", ""):
+            with open(path, encoding="utf-8") as f:
                 for line in f:
                     if line.strip():
                         docs.append(Document(new_id(), "", line.strip()))
-            else:
-                raise LeafkdError(f"{path}: unknown corpus format {path.suffix!r} (use a BEIR folder, .jsonl or .txt)")
+        else:
+            raise LeafkdError(f"{path}: unknown corpus format {path.suffix!r} (use a BEIR folder, .jsonl or .txt)")
     except UnicodeDecodeError as e:
         raise LeafkdError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not docs:
