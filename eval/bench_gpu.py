@@ -16,7 +16,6 @@ Prints a table and writes bench.json / bench.md to --out. On CPU it runs tiny si
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os

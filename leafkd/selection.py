@@ -20,7 +20,6 @@ run folder. Everything is a pure function of the seed.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable, Sequence

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -29,13 +28,13 @@ import torch
 
 from leafkd import atomic
 from leafkd import distributed as dist_
-from leafkd.alignment import alignment, cosine_rows
+from leafkd.alignment import alignment
 from leafkd.capture import capture, capture_blackbox, check_store_for_teacher, pick_device
 from leafkd.data import Corpus, load_corpus, text_hash
 from leafkd.encode import Tokenized, _prefetch, encode_tokens, pad_batch, tokenize
 from leafkd.errors import LeafkdError
 from leafkd.losses import CombinedLoss, CosineLoss, LeafL2Loss, LELPHead, LELPLoss, MSELoss, RelationalLoss
-from leafkd.models import fingerprint, load_model, resolve_model
+from leafkd.models import resolve_model
 from leafkd.store import VectorStore
 from leafkd.student import build_student, warm_start
 

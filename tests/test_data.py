@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from leafkd.data import Source, load_corpus, read_beir, read_texts, text_hash

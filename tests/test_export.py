@@ -1,7 +1,6 @@
 """The asymmetric pair exported as one Router model: queries go to the student, documents to the teacher."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest

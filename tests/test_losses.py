@@ -1,6 +1,5 @@
 """The maths of the losses: zero loss and zero gradient at the teacher, finite gradients, invariances."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -17,7 +17,6 @@ import numpy as np
 def _run(args: argparse.Namespace) -> int:
     from leafkd.alignment import alignment
     from leafkd.encode import encode
-    from leafkd.models import load_model
     from leafkd.paths import data_dir
     from leafkd.student import build_student
     from leafkd.train import load_config, train
@@ -32,7 +31,6 @@ def _run(args: argparse.Namespace) -> int:
                       progress=not args.quiet)
     result = train(cfg)
     # "Before": the truncated student as it is, no projection (same 384-d space as the teacher).
-    from leafkd.store import VectorStore
     from leafkd.train import prepare_data
 
     data_obj = prepare_data(cfg, Path(cfg.output), lambda *_: None)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import typing
 from dataclasses import MISSING, fields
 
-from leafkd.errors import LeafkdError
 
 NO_CONFIG = object()
 
