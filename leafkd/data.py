@@ -127,16 +127,22 @@ def _read_tsv(path: Path, column: str | None) -> list[str]:
         return out
 
 
-def read_texts(source: Source | str) -> list[str]:
-    """All texts of one source, stripped, empty ones dropped; errors name the file and line."""
-    source = Source.parse(source)
-    path = source.path
+def corpus_file(path: str | Path) -> Path:
+    """The file to read for a corpus path: a BEIR folder means its corpus.jsonl; missing paths are errors."""
+    path = Path(path)
     if path.is_dir():
         if not (path / "corpus.jsonl").exists():
             raise LeafkdError(f"{path}: a folder, but not a BEIR corpus (no corpus.jsonl)")
         path = path / "corpus.jsonl"
     if not path.exists():
         raise LeafkdError(f"{path}: no such file")
+    return path
+
+
+def read_texts(source: Source | str) -> list[str]:
+    """All texts of one source, stripped, empty ones dropped; errors name the file and line."""
+    source = Source.parse(source)
+    path = corpus_file(source.path)
     try:
         if path.suffix == ".jsonl":
             texts = _read_jsonl(path, source.column)

@@ -40,7 +40,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from leafkd.atomic import atomic_dir, atomic_path, sha256_file, write_json, write_npy
-from leafkd.data import iter_jsonl, join_title
+from leafkd.data import corpus_file, iter_jsonl, join_title
 from leafkd.errors import LeafkdError
 
 FORMAT = "leafkd-index/1"
@@ -112,13 +112,7 @@ def read_documents(path: str | Path, id_start: int = 0, taken: set[str] | frozen
         counter[0] += 1
         return str(counter[0] - 1)
 
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "corpus.jsonl").exists():
-            raise LeafkdError(f"{path}: a folder, but not a BEIR corpus (no corpus.jsonl)")
-        path = path / "corpus.jsonl"
-    if not path.exists():
-        raise LeafkdError(f"{path}: no such file")
+    path = corpus_file(path)
     docs: list[Document] = []
     try:
         if path.suffix == ".jsonl":
