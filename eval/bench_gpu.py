@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leafkd.alignment import alignment  # noqa: E402
 from leafkd.data import load_corpus  # noqa: E402
-from leafkd.encode import encode_tokens, plan_batches, tokenize  # noqa: E402
+from leafkd.encode import default_batch_tokens, encode, encode_tokens, plan_batches, tokenize  # noqa: E402
 from leafkd.models import load_model  # noqa: E402
+from leafkd.packed import PackedForward, pack  # noqa: E402
 
 
 def sync() -> None:
@@ -85,7 +86,8 @@ def texts_from(data_dir: Path, n_short: int, n_passages: int, seed: int = 0) -> 
     return short, passages
 
 
-def bench_capture(model_path: str, texts: list[str], device: torch.device, label: str, peak: float) -> list[dict]:
+def bench_capture(model_path: str, texts: list[str], device: torch.device, label: str, peak: float,
+                  compile: bool = False) -> list[dict]:
     rows = []
     st = load_model(model_path, device=str(device))
     if device.type == "cuda":
@@ -96,32 +98,61 @@ def bench_capture(model_path: str, texts: list[str], device: torch.device, label
     ref = st.encode(texts, batch_size=256, convert_to_numpy=True)
     sync()
     dt_st = time.perf_counter() - t
+    del st
     model = load_model(model_path, device=str(device))
     if device.type == "cuda":
         model.to(torch.bfloat16)
-    warm, _ = tokenize(model, texts[:2048])
-    encode_tokens(model, warm, device=device)
-    sync()
-    t = time.perf_counter()
-    tokens, _ = tokenize(model, texts)
-    ours = encode_tokens(model, tokens, device=device)
-    sync()
-    dt_ours = time.perf_counter() - t
-    lengths = tokens.lengths
-    batches = plan_batches(lengths, 262144 if device.type == "cuda" else 8192)
-    padded = sum(int(lengths[b].max()) * len(b) for b in batches)
     n_params, layers, hidden, _ = param_count(model)
+    budget = default_batch_tokens(device)
+
+    def row(name: str, dt: float, real: int, seq: float, **extra) -> dict:
+        fpt = flops_per_token(n_params, layers, hidden, seq, train=False)
+        return {"section": f"capture {label}", "method": name, "texts": len(texts), "seconds": dt,
+                "texts_per_s": len(texts) / dt, "real_tokens_per_s": real / dt,
+                "mfu": fpt * real / dt / (peak * 1e12) if peak == peak else None, **extra}
+
+    tokens, _ = tokenize(model, texts)
+    lengths = tokens.lengths
     real = int(lengths.sum())
-    fpt = flops_per_token(n_params, layers, hidden, float(lengths.mean()), train=False)
-    cos = float(np.mean(np.sum(ref * ours, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(ours, axis=1))))
-    for name, dt in (("sentence-transformers encode (fp16, batch 256)", dt_st), ("leafkd capture path (bf16)", dt_ours)):
-        rows.append({"section": f"capture {label}", "method": name, "texts": len(texts), "seconds": dt,
-                     "texts_per_s": len(texts) / dt, "real_tokens_per_s": real / dt,
-                     "mfu": fpt * real / dt / (peak * 1e12) if peak == peak else None})
-    rows[-1]["ratio"] = dt_st / dt_ours
-    rows[-1]["padding_fraction"] = 1 - real / padded
-    rows[-1]["cosine_to_st_output"] = cos
-    del st, model
+    seq = float((lengths.astype(np.float64) ** 2).sum() / max(real, 1))  # token-weighted attention length
+    rows.append(row("sentence-transformers encode (fp16, batch 256)", dt_st, real, seq))
+    variants = [("leafkd capture path (packed, bf16)", {"packed": True}),
+                ("leafkd capture path (padded, bf16)", {"packed": False})]
+    if compile:
+        variants.append(("leafkd capture path (packed, bf16, torch.compile)", {"packed": True, "compile": True}))
+    for name, kw in variants:
+        try:
+            encode(model, texts[:4096], device=device, **kw)  # warm-up (and compilation)
+            sync()
+            t = time.perf_counter()
+            ours = encode(model, texts, device=device, **kw)  # tokenisation included, pipelined
+            sync()
+            dt = time.perf_counter() - t
+        except Exception as e:  # a variant that fails is reported, not fatal
+            rows.append({"section": f"capture {label}", "method": name, "error": f"{type(e).__name__}: {e}"[:300]})
+            continue
+        batches = plan_batches(lengths, budget)
+        padded = sum(int(lengths[b].max()) * len(b) for b in batches)
+        cos = float(np.mean(np.sum(ref * ours, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(ours, axis=1))))
+        rows.append(row(name, dt, real, seq, ratio=dt_st / dt, cosine_to_st_output=cos,
+                        padding_fraction=0.0 if kw["packed"] else 1 - real / padded))
+    # The device-side ceiling: the packed forward alone over batches already on the GPU (no tokenisation,
+    # no host copies), to show how much of the end-to-end time is host work.
+    if device.type == "cuda":
+        forward = PackedForward(model)
+        ready = [pack(tokens, b).to(device) for b in plan_batches(lengths, budget)]
+        with torch.inference_mode():
+            for p in ready[:2]:
+                forward(p)
+            sync()
+            t = time.perf_counter()
+            for p in ready:
+                forward(p)
+            sync()
+        dt = time.perf_counter() - t
+        rows.append(row("packed forward only (batches on the GPU)", dt, real, seq, ratio=dt_st / dt))
+        del ready, forward
+    del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return rows
 
@@ -189,10 +220,20 @@ def bench_training(args, device: torch.device, peak: float, out: Path) -> list[d
                   projection_lr=1e-3, eval_every=0, checkpoint_every=0, log_every=10, progress=False, plot=False,
                   device=str(device), resume=False)
     results = {}
-    for label, extra in (("leafkd train (eager)", {}),) + ((("leafkd train (torch.compile)", {"compile": True}),) if args.compile else ()):
-        cfg = load_config(None, output=str(work / ("run-compile" if extra else "run")), **common, **extra)
+    variants = [("leafkd train (packed)", "run", {"packed": "true"})]
+    if args.padded_train:
+        variants.append(("leafkd train (padded, length-grouped)", "run-padded", {"packed": "false"}))
+    if args.compile:
+        variants.append(("leafkd train (packed, torch.compile)", "run-compile", {"packed": "true", "compile": True}))
+    for label, folder, extra in variants:
+        cfg = load_config(None, output=str(work / folder), **common, **extra)
         t = time.perf_counter()
-        res = train(cfg, log=lambda *a: None)
+        try:
+            res = train(cfg, log=lambda *a: None)
+        except Exception as e:  # a variant that fails is reported, not fatal
+            rows.append({"section": f"training (batch {args.batch}, {args.steps} steps)", "method": label,
+                         "error": f"{type(e).__name__}: {e}"[:300]})
+            continue
         wall = time.perf_counter() - t
         recs = [json.loads(l) for l in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
         tr = [r for r in recs if r["type"] == "train"][1:]  # skip the first window (warm-up)
@@ -252,7 +293,8 @@ def main() -> None:
     p.add_argument("--train-texts", type=int, default=200000)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=1024)
-    p.add_argument("--compile", action="store_true", help="also time training under torch.compile")
+    p.add_argument("--compile", action="store_true", help="also time capture and training under torch.compile")
+    p.add_argument("--padded-train", action="store_true", help="also time training with padded, length-grouped batches")
     p.add_argument("--skip-capture", action="store_true")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -261,25 +303,36 @@ def main() -> None:
     peak = matmul_peak(device)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device: {gpu}; measured bf16 matmul: {peak:.0f} TFLOP/s", flush=True)
+    from leafkd.packed import _varlen
+
+    attention = "flash varlen" if _varlen() is not None and device.type == "cuda" else "padded SDPA"
+    print(f"packed attention for BERT students: {attention}", flush=True)
     rows: list[dict] = []
+    cols = ["section", "method", "texts_per_s", "samples_per_s", "real_tokens_per_s", "ratio", "padding_fraction",
+            "mfu", "heldout_cos", "heldout_cos_diff_vs_naive", "cosine_to_st_output", "seconds", "error"]
+
+    def save() -> str:
+        # Written after every section, so a run cut short still leaves what it measured.
+        lines = [f"GPU: {gpu}; bf16 matmul {peak:.0f} TFLOP/s; torch {torch.__version__}; packed attention "
+                 f"(BERT): {attention}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in rows:
+            lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
+        table = "\n".join(lines)
+        (out / "bench.json").write_text(json.dumps({"gpu": gpu, "peak_tflops": peak, "attention": attention,
+                                                    "args": vars(args), "rows": rows}, indent=2))
+        (out / "bench.md").write_text(table + "\n")
+        return table
+
     if not args.skip_capture:
         short, passages = texts_from(Path(args.data_dir), args.short, args.passages)
-        rows += bench_capture(args.teacher, short, device, "short texts", peak)
-        print(json.dumps(rows[-1]), flush=True)
-        rows += bench_capture(args.teacher, passages, device, "passages", peak)
-        print(json.dumps(rows[-1]), flush=True)
+        for label, texts in (("short texts", short), ("passages", passages)):
+            new = bench_capture(args.teacher, texts, device, label, peak, compile=args.compile)
+            rows += new
+            for r in new:
+                print(json.dumps(r), flush=True)
+            save()
     rows += bench_training(args, device, peak, out)
-    cols = ["section", "method", "texts_per_s", "samples_per_s", "real_tokens_per_s", "ratio", "padding_fraction",
-            "mfu", "heldout_cos", "heldout_cos_diff_vs_naive", "cosine_to_st_output", "seconds"]
-    lines = [f"GPU: {gpu}; bf16 matmul {peak:.0f} TFLOP/s; torch {torch.__version__}", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
-    table = "\n".join(lines)
-    print(table)
-    (out / "bench.json").write_text(json.dumps({"gpu": gpu, "peak_tflops": peak, "args": vars(args), "rows": rows}, indent=2))
-    (out / "bench.md").write_text(table + "\n")
-
+    print(save())
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,7 @@ import torch
 from leafkd import atomic
 from leafkd import distributed as dist_
 from leafkd.data import Corpus, text_hash
-from leafkd.encode import encode_tokens, max_seq_length, tokenize
+from leafkd.encode import encode, max_seq_length
 from leafkd.errors import LeafkdError
 from leafkd.models import blackbox_fingerprint, fingerprint, load_model, resolve_model
 from leafkd.store import VectorStore
@@ -51,11 +51,12 @@ def _open_or_create(out: Path, fp: str, dim: int, meta: dict) -> VectorStore:
 
 
 def _embed_shard(model, texts: list[str], prompt: str | None, normalize: bool, batch_tokens: int | None,
-                 dev: torch.device, dtype: str | None, bar) -> tuple[np.ndarray, int]:
+                 dev: torch.device, dtype: str | None, bar, compile: bool = False) -> tuple[np.ndarray, int]:
     """One shard's float32 teacher vectors (checked finite, optionally normalised) and its truncation count."""
-    tokens, n_trunc = tokenize(model, texts, prompt=prompt)
-    vecs = encode_tokens(model, tokens, batch_tokens=batch_tokens, device=dev, dtype=dtype,
-                         progress=bar.update if bar else None)
+    stats: dict = {}
+    vecs = encode(model, texts, prompt=prompt, batch_tokens=batch_tokens, device=dev, dtype=dtype,
+                  progress=bar.update if bar else None, stats=stats, compile=compile)
+    n_trunc = stats["truncated"]
     if normalize:
         vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
     if not np.isfinite(vecs).all():
@@ -71,7 +72,7 @@ def _remaining(store: VectorStore, corpus_texts: list[str]) -> list[str]:
 def capture(teacher: str | Path, corpus: Corpus, out: str | Path, *, prompt: str | None = None,
             normalize: bool = False, shard_size: int = 65536, batch_tokens: int | None = None,
             device: str | None = None, dtype: str | None = None, show_progress: bool = True,
-            model=None) -> VectorStore:
+            model=None, compile: bool = False) -> VectorStore:
     """Embed `corpus` with the teacher into a vector store at `out` (resuming one that is there).
 
     Under `torchrun` (WORLD_SIZE > 1) the shards are split over the ranks; see `_capture_distributed`.
@@ -90,7 +91,7 @@ def capture(teacher: str | Path, corpus: Corpus, out: str | Path, *, prompt: str
             "max_seq_length": max_seq_length(model), "truncated": 0}
     if dist_.world_size() > 1:
         return _capture_distributed(model, corpus, out, fp, dim, meta, prompt=prompt, normalize=normalize,
-                                    shard_size=shard_size, batch_tokens=batch_tokens, dev=dev, dtype=dtype,
+                                    shard_size=shard_size, batch_tokens=batch_tokens, dev=dev, dtype=dtype, compile=compile,
                                     show_progress=show_progress)
     store = _open_or_create(out, fp, dim, meta)
     todo = _remaining(store, corpus.texts)
@@ -117,7 +118,7 @@ def capture(teacher: str | Path, corpus: Corpus, out: str | Path, *, prompt: str
                         bar.update(len(texts))
                     continue
                 (out / PENDING / f"shard-{k:05d}.json").unlink(missing_ok=True)  # stale: shard k is rewritten
-            vecs, n_trunc = _embed_shard(model, texts, prompt, normalize, batch_tokens, dev, dtype, bar)
+            vecs, n_trunc = _embed_shard(model, texts, prompt, normalize, batch_tokens, dev, dtype, bar, compile)
             truncated += n_trunc
             store.append(vecs.astype(np.float16), texts, _hash_matrix(texts))
             store.update(truncated=truncated)
@@ -149,7 +150,7 @@ def _pending(out: Path, k: int, digest: str) -> dict | None:
 
 
 def _capture_distributed(model, corpus: Corpus, out: Path, fp: str, dim: int, meta: dict, *, prompt, normalize,
-                         shard_size, batch_tokens, dev, dtype, show_progress) -> VectorStore:
+                         shard_size, batch_tokens, dev, dtype, show_progress, compile=False) -> VectorStore:
     """Capture with every torchrun rank: the same shards as one process, shard k embedded by rank k % world.
 
     All ranks cut the remaining texts into the same `shard_size` chunks (corpus order minus stored hashes).
@@ -183,7 +184,7 @@ def _capture_distributed(model, corpus: Corpus, out: Path, fp: str, dim: int, me
                 if bar is not None:
                     bar.update(len(texts))
                 continue
-            vecs, n_trunc = _embed_shard(model, texts, prompt, normalize, batch_tokens, dev, dtype, bar)
+            vecs, n_trunc = _embed_shard(model, texts, prompt, normalize, batch_tokens, dev, dtype, bar, compile)
             entry = store.write_shard(k, vecs.astype(np.float16), texts, hashes)
             atomic.write_json(out / PENDING / f"shard-{k:05d}.json",
                               {"entry": entry, "digest": digest, "truncated": int(n_trunc), "rank": r})

@@ -160,11 +160,14 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     was_training = module.training
-    pad = getattr(getattr(module, "tokenizer", None), "pad_token_id", None) or 0
-    ids = torch.full((1, 2), pad, dtype=torch.long, device=device)
-    mask = torch.ones_like(ids)
     module.train()
-    module({"input_ids": ids, "attention_mask": mask})["sentence_embedding"].float().sum().backward()
+    if hasattr(module, "probe_batch"):  # leafkd.packed.PackedForward
+        out = module(module.probe_batch(device))
+    else:
+        pad = getattr(getattr(module, "tokenizer", None), "pad_token_id", None) or 0
+        ids = torch.full((1, 2), pad, dtype=torch.long, device=device)
+        out = module({"input_ids": ids, "attention_mask": torch.ones_like(ids)})["sentence_embedding"]
+    out.float().sum().backward()
     unused = [name for name, p in module.named_parameters() if p.requires_grad and p.grad is None]
     for p in module.parameters():
         p.grad = None

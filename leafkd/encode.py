@@ -9,8 +9,10 @@ Pooling, Dense, Normalize) do the forward pass, so the vectors are the model's v
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -56,26 +58,28 @@ def tokenize(model, texts: Sequence[str], prompt: str | None = None, max_length:
     backend = tokenizer.backend_tokenizer
     backend.enable_truncation(max_length)
     backend.no_padding()
-    pieces, lengths = [], []
+    encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no character offsets: faster
+    ids_parts, length_parts = [], []
     truncated = 0
     for start in range(0, len(texts), chunk):
         batch = list(texts[start : start + chunk])
         if prompt:
             batch = [prompt + t for t in batch]
-        encodings = backend.encode_batch(batch, add_special_tokens=True)
-        for enc in encodings:
-            ids = enc.ids
-            pieces.append(np.asarray(ids, dtype=np.int32))
-            lengths.append(len(ids))
-            if enc.overflowing:
-                truncated += 1
+        encodings = encode_batch(batch, add_special_tokens=True)
+        id_lists = [enc.ids for enc in encodings]
+        lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+        ids_parts.append(np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int32, count=int(lengths.sum())))
+        length_parts.append(lengths)
+        # Only a text that fills max_length can have been cut; ask those alone for overflow (a costly call).
+        truncated += sum(1 for i in np.flatnonzero(lengths >= max_length) if encodings[i].overflowing)
+    lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, dtype=np.int64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(np.asarray(lengths, dtype=np.int64), out=offsets[1:])
-    ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, dtype=np.int32)
     return Tokenized(ids, offsets), truncated
 
 
-def plan_batches(lengths: np.ndarray, batch_tokens: int, max_batch: int = 4096) -> list[np.ndarray]:
+def plan_batches(lengths: np.ndarray, batch_tokens: int, max_batch: int = 8192) -> list[np.ndarray]:
     """Cut text indices, longest first, into batches whose padded size stays under `batch_tokens`."""
     order = np.argsort(-lengths, kind="stable")
     batches: list[np.ndarray] = []
@@ -102,23 +106,32 @@ def pad_batch(tokens: Tokenized, index: np.ndarray, pad_id: int) -> tuple[np.nda
 
 def _prefetch(make: Callable[[int], dict], count: int, depth: int = 4) -> Iterator[dict]:
     """Build items 0..count-1 in a background thread, `depth` ahead of the consumer."""
+    return _prefetch_iter((make(k) for k in range(count)), depth)
+
+
+def _prefetch_iter(items: Iterator, depth: int = 4) -> Iterator:
+    """Run the iterator `items` in a background thread, `depth` items ahead of the consumer."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
+    done = object()
 
     def worker() -> None:
         try:
-            for k in range(count):
+            for item in items:
                 if stop.is_set():
                     return
-                q.put(make(k))
+                q.put(item)
+            q.put(done)
         except BaseException as e:  # re-raised in the consumer
             q.put(e)
 
     t = threading.Thread(target=worker, daemon=True)
     t.start()
     try:
-        for _ in range(count):
+        while True:
             item = q.get()
+            if item is done:
+                return
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -143,67 +156,161 @@ def features(ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def encode_tokens(model, tokens: Tokenized, *, batch_tokens: int | None = None, device: str | torch.device | None = None,
-                  dtype: str | torch.dtype | None = None, progress: Callable[[int], None] | None = None,
-                  on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None) -> np.ndarray | None:
-    """Embed pre-tokenised texts; returns float32 [n, dim] in input order (or streams to `on_batch`)."""
-    device = torch.device(device) if device is not None else model.device
+def use_packed(model, packed: bool | None) -> bool:
+    """Whether to run `model` packed (see leafkd.packed): by default whenever it supports it."""
+    from leafkd.packed import supported
+
+    if packed is None:
+        return supported(model)
+    return bool(packed)
+
+
+def _batch_items(tokens: Tokenized, batch_tokens: int, packed: bool, pad_id: int, pin: bool,
+                 base: np.ndarray | None = None) -> Iterator[dict]:
+    """Device-ready batches of `tokens` (longest first), each with the output rows it fills."""
+    from leafkd.packed import pack
+
+    for index in plan_batches(tokens.lengths, batch_tokens):
+        rows = index if base is None else base[index]
+        if packed:
+            batch = pack(tokens, index)
+            yield {"index": rows, "packed": batch.pin_memory() if pin else batch}
+        else:
+            ids, mask = pad_batch(tokens, index, pad_id)
+            ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+            if pin:
+                ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
+            yield {"index": rows, "ids": ids_t, "mask": mask_t}
+
+
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _packed_forward(model, compile: bool):
+    """The packed forward of `model`; compiled ones are kept per model, so later calls reuse the compilation."""
+    from leafkd.packed import PackedForward
+
+    if not compile:
+        return PackedForward(model)
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(PackedForward(model), dynamic=True)
+    return _COMPILED[model]
+
+
+def _run(model, items: Iterator[dict], n: int, *, device: torch.device, dtype, packed: bool, compile: bool = False,
+         progress: Callable[[int], None] | None, on_batch: Callable[[np.ndarray, np.ndarray], None] | None) -> np.ndarray | None:
+    """Forward every batch of `items`; float32 rows in place of `index` (or streamed to `on_batch`).
+
+    On CUDA each batch's vectors go back to pinned host memory asynchronously and are stored one batch
+    later, so the GPU is already running the next batch while the host copies this one out.
+    """
     dt = inference_dtype(device, dtype)
-    batch_tokens = batch_tokens or default_batch_tokens(device)
-    batches = plan_batches(tokens.lengths, batch_tokens)
-    pad_id = model.tokenizer.pad_token_id or 0
-    pin = device.type == "cuda"
-
-    def make(k: int) -> dict:
-        index = batches[k]
-        ids, mask = pad_batch(tokens, index, pad_id)
-        ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
-        if pin:
-            ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
-        return {"index": index, "ids": ids_t, "mask": mask_t}
-
     was_training = model.training
     model.eval()
     model.to(device)
+    forward = _packed_forward(model, compile) if packed else None
     # Weights already in half precision run as they are; fp32 weights run under autocast, never cast in place.
     param_dtype = next(model.parameters()).dtype
     use_autocast = dt != torch.float32 and param_dtype == torch.float32
+    cuda = device.type == "cuda"
     out: np.ndarray | None = None
+    pending: list = []
+
+    def finish() -> None:
+        nonlocal out
+        index, host, event = pending.pop()
+        if event is not None:
+            event.synchronize()
+        emb = host.numpy()
+        if on_batch is not None:
+            on_batch(index, emb)
+        else:
+            if out is None:
+                out = np.empty((n, emb.shape[1]), dtype=np.float32)
+            out[index] = emb
+        if progress is not None:
+            progress(len(index))
+
     try:
         with torch.inference_mode(), torch.autocast(device.type, dtype=dt, enabled=use_autocast):
-            for item in _prefetch(make, len(batches)):
-                ids = item["ids"].to(device, non_blocking=True)
-                mask = item["mask"].to(device, non_blocking=True)
-                emb = model(features(ids, mask))["sentence_embedding"].float().cpu().numpy()
-                if on_batch is not None:
-                    on_batch(item["index"], emb)
+            for item in items:
+                if packed:
+                    emb = forward(item["packed"].to(device))
                 else:
-                    if out is None:
-                        out = np.empty((len(tokens), emb.shape[1]), dtype=np.float32)
-                    out[item["index"]] = emb
-                if progress is not None:
-                    progress(len(item["index"]))
+                    ids = item["ids"].to(device, non_blocking=True)
+                    mask = item["mask"].to(device, non_blocking=True)
+                    emb = model(features(ids, mask))["sentence_embedding"]
+                event = None
+                if cuda:
+                    host = torch.empty(emb.shape, dtype=torch.float32, pin_memory=True)
+                    host.copy_(emb.float(), non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record()
+                else:
+                    host = emb.float()
+                if pending:
+                    finish()
+                pending.append((item["index"], host, event))
+            if pending:
+                finish()
     finally:
         model.train(was_training)
-    if out is None and on_batch is None:
-        dim = model.get_sentence_embedding_dimension() or 0
-        out = np.zeros((0, dim), dtype=np.float32)
+    if out is None and on_batch is None:  # no texts
+        out = np.zeros((n, model.get_sentence_embedding_dimension() or 0), dtype=np.float32)
     return out
+
+
+def encode_tokens(model, tokens: Tokenized, *, batch_tokens: int | None = None, device: str | torch.device | None = None,
+                  dtype: str | torch.dtype | None = None, progress: Callable[[int], None] | None = None,
+                  on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None,
+                  packed: bool | None = None) -> np.ndarray | None:
+    """Embed pre-tokenised texts; returns float32 [n, dim] in input order (or streams to `on_batch`)."""
+    device = torch.device(device) if device is not None else model.device
+    batch_tokens = batch_tokens or default_batch_tokens(device)
+    packed = use_packed(model, packed)
+    items = _prefetch_iter(_batch_items(tokens, batch_tokens, packed, model.tokenizer.pad_token_id or 0,
+                                        device.type == "cuda"))
+    return _run(model, items, len(tokens), device=device, dtype=dtype, packed=packed, progress=progress,
+                on_batch=on_batch)
 
 
 def encode(model, texts: Sequence[str], *, prompt: str | None = None, batch_tokens: int | None = None,
            device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-           show_progress: bool = False, desc: str = "encode") -> np.ndarray:
-    """Embed texts with a SentenceTransformer; float32 [len(texts), dim] in input order."""
-    tokens, _ = tokenize(model, texts, prompt=prompt)
+           show_progress: bool = False, desc: str = "encode", chunk_texts: int = 16384,
+           packed: bool | None = None, stats: dict | None = None,
+           progress: Callable[[int], None] | None = None, compile: bool = False) -> np.ndarray:
+    """Embed texts with a SentenceTransformer; float32 [len(texts), dim] in input order.
+
+    Tokenisation is pipelined with the forward passes: a background thread tokenises `chunk_texts` texts at
+    a time (the Rust tokenizer, in parallel, without the GIL), cuts each chunk into length-sorted batches
+    and packs them while the device runs the previous ones. `stats`, when given, receives the truncation
+    count and the real token count.
+    """
+    device = torch.device(device) if device is not None else model.device
+    batch_tokens = batch_tokens or default_batch_tokens(device)
+    packed = use_packed(model, packed)
+    pad_id = model.tokenizer.pad_token_id or 0
+    counts = {"truncated": 0, "tokens": 0}
+
+    def items() -> Iterator[dict]:
+        for start in range(0, len(texts), chunk_texts):
+            tokens, truncated = tokenize(model, texts[start : start + chunk_texts], prompt=prompt)
+            counts["truncated"] += truncated
+            counts["tokens"] += int(tokens.lengths.sum())
+            base = np.arange(start, start + len(tokens))
+            yield from _batch_items(tokens, batch_tokens, packed, pad_id, device.type == "cuda", base)
+
     bar = None
     if show_progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(texts), desc=desc, unit="text", smoothing=0.05)
     try:
-        return encode_tokens(model, tokens, batch_tokens=batch_tokens, device=device, dtype=dtype,
-                             progress=bar.update if bar else None)
+        out = _run(model, _prefetch_iter(items()), len(texts), device=device, dtype=dtype, packed=packed, compile=compile,
+                   progress=bar.update if bar else progress, on_batch=None)
     finally:
         if bar is not None:
             bar.close()
+    if stats is not None:
+        stats.update(counts)
+    return out

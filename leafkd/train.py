@@ -6,9 +6,10 @@ is the linear-map baseline), then minimise the configured losses with AdamW, war
 Checkpoints are whole-state (model, optimiser, schedule, data position, RNG) and written atomically, so a
 killed run resumes where it stopped and reaches the same weights as an uninterrupted one.
 
-Speed (the GPU path): texts are tokenised once; batches are grouped by length (little padding) and padded
-by a background thread into pinned memory; teacher vectors live on the device and are gathered by index;
-bf16 autocast and fused AdamW on CUDA; `torch.compile` on request.
+Speed (the GPU path): texts are tokenised once; batches are packed (no padding: texts concatenated, attention
+per text, see leafkd.packed) by a background thread into pinned memory, so they can be drawn at random like a
+naive loop's; teacher vectors live on the device and are gathered by index;
+bf16 autocast and fused AdamW on CUDA; the packed forward under `torch.compile` on CUDA.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from leafkd.encode import Tokenized, _prefetch, encode_tokens, pad_batch, tokeni
 from leafkd.errors import LeafkdError
 from leafkd.losses import CombinedLoss, CosineLoss, LeafL2Loss, LELPHead, LELPLoss, MSELoss, RelationalLoss
 from leafkd.models import resolve_model
+from leafkd.packed import PackedForward, pack, supported as packed_supported, unsupported_reason
 from leafkd.store import VectorStore
 from leafkd.student import build_student, warm_start
 
@@ -103,14 +105,18 @@ class TrainConfig:
     seed: int = _opt(0, "seed for sampling, held-out split and initialisation")
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     precision: str = _opt("auto", "bf16 autocast on CUDA, fp32 on CPU (auto), or force bf16/fp32")
-    compile: bool = _opt(False, "torch.compile the student (CUDA)")
+    compile: str = _opt("auto", "torch.compile the student's forward: auto (packed training on CUDA, where it fuses "
+                        "the small kernels: ~9x the eager step rate on an H100), true, false")
+    packed: str = _opt("auto", "unpadded batches: each batch's texts concatenated, attention per text, batches drawn at "
+                       "random instead of grouped by length (auto: when the student is BERT/MPNet with mean pooling; "
+                       "true; false: padded, length-grouped batches)")
     capture_batch_tokens: int | None = _opt(None, "token budget per teacher batch when capturing")
     plot: bool = _opt(True, "write curves.png")
     progress: bool = _opt(True, "show progress bars")
 
     # Options that do not change the result: a resumed run may change them.
     RESUME_FREE = ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "resume", "plot", "progress",
-                   "device", "max_steps", "epochs")
+                   "device", "max_steps", "epochs", "compile")
 
     # Selection options (issue 8) enter the key only where they change the run: off their defaults, and the
     # select_* ones only when selection is on (so keys of runs from before selection existed are unchanged).
@@ -180,6 +186,10 @@ def validate(cfg: TrainConfig) -> None:
         raise LeafkdError("select_temperature must be > 0, select_max_weight >= 1, select_diversity >= 0")
     if cfg.select_clusters < 1 or cfg.select_refresh_every < 0 or cfg.select_score_texts < 0:
         raise LeafkdError("select_clusters must be >= 1, select_refresh_every and select_score_texts >= 0")
+    if str(cfg.compile).lower() not in ("auto", "true", "false"):
+        raise LeafkdError(f"compile must be auto, true or false, not {cfg.compile!r}")
+    if str(cfg.packed).lower() not in ("auto", "true", "false"):
+        raise LeafkdError(f"packed must be auto, true or false, not {cfg.packed!r}")
     if not 0 < cfg.dedup_threshold <= 1:
         raise LeafkdError("dedup_threshold must be in (0, 1] (1: no dedup)")
 
@@ -239,14 +249,17 @@ def prepare_data(cfg: TrainConfig, out: Path, log) -> TrainData:
 
 
 class LengthGroupedBatches:
-    """Per-epoch batches: weighted, shuffled, then grouped by length within windows of 16 batches.
+    """Per-epoch batches: weighted, shuffled, then (with `group`) grouped by length within windows of 16 batches.
+
+    Packed training (no padding) takes the batches as drawn; padded training groups them to pad less.
 
     Epoch e is a pure function of (seed, e), so a resumed run rebuilds it and skips what it had done.
     """
 
-    def __init__(self, indices: np.ndarray, weights: np.ndarray, lengths: np.ndarray, batch_size: int, seed: int):
+    def __init__(self, indices: np.ndarray, weights: np.ndarray, lengths: np.ndarray, batch_size: int, seed: int,
+                 group: bool = True):
         self.indices, self.weights, self.lengths = indices, weights, lengths
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.group = batch_size, seed, group
 
     def epoch(self, e: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, e])
@@ -254,6 +267,8 @@ class LengthGroupedBatches:
         copies = np.floor(w).astype(np.int64) + (rng.random(len(w)) < (w - np.floor(w)))
         items = np.repeat(self.indices, copies)
         rng.shuffle(items)
+        if not self.group:
+            return [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
         # Sorting within a window of 16 batches keeps padding low while batches still mix lengths across
         # windows; wider windows pad less but make each batch more uniform in length.
         window = self.batch_size * 16
@@ -489,7 +504,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
         # Teacher-only part of the selection (drops, clusters, dedup); the pool replaces the training texts.
         selector = Selector(cfg, data.texts, data.teacher, data.train_idx, data.weights, lengths, out, log, device)
         data.train_idx, data.weights = selector.initial()
-    sampler = LengthGroupedBatches(data.train_idx, data.weights, lengths, cfg.batch_size, cfg.seed)
+    packed = str(cfg.packed).lower() == "true" or (str(cfg.packed).lower() == "auto" and packed_supported(student))
+    if str(cfg.packed).lower() == "true" and not packed_supported(student):
+        raise LeafkdError(f"--packed true: {unsupported_reason(student)}")
+    sampler = LengthGroupedBatches(data.train_idx, data.weights, lengths, cfg.batch_size, cfg.seed, group=not packed)
     micro_per_epoch = sampler.expected_batches()
     steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
@@ -540,11 +558,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     teacher_dev = torch.from_numpy(np.ascontiguousarray(data.teacher)).to(device)
     autocast = _autocast_dtype(cfg, device)
-    forward = student
+    forward = PackedForward(student) if packed else student
     ddp = None
     if world > 1:
-        forward = ddp = dist_.wrap_ddp(student, device)  # after the warm start: DDP broadcasts rank 0's weights
-    if cfg.compile:
+        forward = ddp = dist_.wrap_ddp(forward, device)  # after the warm start: DDP broadcasts rank 0's weights
+    compile_mode = str(cfg.compile).lower()
+    if compile_mode == "true" or (compile_mode == "auto" and packed and device.type == "cuda"):
         forward = torch.compile(forward, dynamic=True)
     pad_id = student.tokenizer.pad_token_id or 0
 
@@ -578,14 +597,19 @@ def train(cfg: TrainConfig, log=print) -> dict:
             def make(k: int, todo=todo) -> dict:
                 full = todo[k]
                 idx, weight = dist_.local_batch(full)  # this rank's slice of the global batch (all of it: 1 process)
-                ids, mask = pad_batch(tokens, idx, pad_id)
-                item = {"idx": torch.from_numpy(idx), "ids": torch.from_numpy(ids), "mask": torch.from_numpy(mask),
-                        "real_tokens": int(lengths[full].sum()), "n": len(full), "weight": weight}
+                item = {"idx": torch.from_numpy(idx), "real_tokens": int(lengths[full].sum()), "n": len(full),
+                        "weight": weight}
+                if packed:
+                    item["packed"] = pack(tokens, idx)
+                else:
+                    ids, mask = pad_batch(tokens, idx, pad_id)
+                    item["ids"], item["mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
                 if world > 1 and cfg.relational > 0:
                     item["full"] = torch.from_numpy(full)  # in-batch relations span the whole global batch
                 if device.type == "cuda":
-                    for key in ("idx", "ids", "mask"):
-                        item[key] = item[key].pin_memory()
+                    for key in ("idx", "ids", "mask", "packed"):
+                        if key in item:
+                            item[key] = item[key].pin_memory()
                 return item
 
             for k, item in enumerate(_prefetch(make, len(todo))):
@@ -612,11 +636,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 epoch, position, item = next(stream)
                 if ddp is not None:  # DDP's no_sync(): all-reduce the gradients only on the last micro-batch
                     ddp.require_backward_grad_sync = micro == cfg.grad_accum - 1
-                ids = item["ids"].to(device, non_blocking=True)
-                mask = item["mask"].to(device, non_blocking=True)
                 target = teacher_dev[item["idx"].to(device, non_blocking=True)].float()
                 with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                    emb = forward({"input_ids": ids, "attention_mask": mask})["sentence_embedding"]
+                    if packed:
+                        emb = forward(item["packed"].to(device))
+                    else:
+                        ids = item["ids"].to(device, non_blocking=True)
+                        mask = item["mask"].to(device, non_blocking=True)
+                        emb = forward({"input_ids": ids, "attention_mask": mask})["sentence_embedding"]
                 keys = teacher_dev[item["full"].to(device, non_blocking=True)].float() if "full" in item else None
                 loss, parts = loss_fn(emb.float(), target, keys)
                 if item["weight"] != 1.0:  # distributed, uneven split: the mean over ranks is the global-batch mean

