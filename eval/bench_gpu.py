@@ -81,9 +81,13 @@ def texts_from(data_dir: Path, n_short: int, n_passages: int, seed: int = 0) -> 
                          str(train / "sentences" / "movie_reviews.txt"), str(train / "sentences" / "product_reviews.txt")]).texts
     passages = load_corpus([str(train / "wiki_paragraphs.jsonl"), str(train / "wiki_summaries.jsonl")]).texts
     rng = np.random.default_rng(seed)
-    short = [short[i] for i in rng.permutation(len(short))[:n_short]]
-    passages = [passages[i] for i in rng.permutation(len(passages))[:n_passages]]
-    return short, passages
+
+    def sample(texts: list[str], n: int) -> list[str]:
+        # More than there are: the set repeats (throughput over a longer run; nothing caches results).
+        order = np.concatenate([rng.permutation(len(texts)) for _ in range(-(-n // len(texts)))])[:n]
+        return [texts[i] for i in order]
+
+    return sample(short, n_short), sample(passages, n_passages)
 
 
 def bench_capture(model_path: str, texts: list[str], device: torch.device, label: str, peak: float,
@@ -219,14 +223,17 @@ def bench_training(args, device: torch.device, peak: float, out: Path) -> list[d
                   vectors=str(store_dir), heldout=2000, batch_size=args.batch, max_steps=args.steps, lr=2e-4,
                   projection_lr=1e-3, eval_every=0, checkpoint_every=0, log_every=10, progress=False, plot=False,
                   device=str(device), resume=False)
-    results = {}
-    variants = [("leafkd train (packed)", "run", {"packed": "true"})]
+    results: dict[str, tuple] = {}
+    variants = [("leafkd train (packed; defaults: compiled on CUDA)", "run", {"packed": "true"})]
+    if args.eager_train:
+        variants.append(("leafkd train (packed, eager)", "run-eager", {"packed": "true", "compile": "false"}))
     if args.padded_train:
         variants.append(("leafkd train (padded, length-grouped)", "run-padded", {"packed": "false"}))
-    if args.compile:
-        variants.append(("leafkd train (packed, torch.compile)", "run-compile", {"packed": "true", "compile": True}))
+    if args.big_batch:  # throughput at a batch the naive loop is not run at (not part of the ratio)
+        variants.append((f"leafkd train (packed, torch.compile, batch {args.big_batch}; no naive counterpart)",
+                         "run-big", {"packed": "true", "compile": True, "batch_size": args.big_batch}))
     for label, folder, extra in variants:
-        cfg = load_config(None, output=str(work / folder), **common, **extra)
+        cfg = load_config(None, output=str(work / folder), **{**common, **extra})
         t = time.perf_counter()
         try:
             res = train(cfg, log=lambda *a: None)
@@ -239,7 +246,7 @@ def bench_training(args, device: torch.device, peak: float, out: Path) -> list[d
         tr = [r for r in recs if r["type"] == "train"][1:]  # skip the first window (warm-up)
         sps = float(np.median([r["samples_per_s"] for r in tr]))
         tps = float(np.median([r["tokens_per_s"] for r in tr]))
-        results[label] = (sps, tps, res["final"]["heldout_cos_mean"], wall)
+        results[label] = (sps, tps, res["final"]["heldout_cos_mean"], wall, cfg.batch_size)
     # The naive loop, from the same initialisation (same data split, same ridge warm start).
     cfg = load_config(None, output=str(work / "naive"), **common)
     data = prepare_data(cfg, Path(cfg.output), lambda *a: None)
@@ -264,10 +271,12 @@ def bench_training(args, device: torch.device, peak: float, out: Path) -> list[d
                  "samples_per_s": naive_stats["samples_per_s"], "real_tokens_per_s": naive_stats["real_tokens_per_s"],
                  "padding_fraction": naive_stats["padding_fraction"], "heldout_cos": naive_cos, "seconds": naive_wall,
                  "mfu": (fpt * naive_stats["real_tokens_per_s"] + proj_flops * naive_stats["samples_per_s"]) / (peak * 1e12) if peak == peak else None})
-    for label, (sps, tps, cos, wall) in results.items():
-        rows.append({"section": f"training (batch {args.batch}, {args.steps} steps)", "method": label,
+    for label, (sps, tps, cos, wall, batch) in results.items():
+        same = batch == args.batch  # ratios and cosine differences only at the naive loop's batch size
+        rows.append({"section": f"training (batch {batch}, {args.steps} steps)", "method": label,
                      "samples_per_s": sps, "real_tokens_per_s": tps, "heldout_cos": cos, "seconds": wall,
-                     "ratio": sps / naive_stats["samples_per_s"], "heldout_cos_diff_vs_naive": cos - naive_cos,
+                     "ratio": sps / naive_stats["samples_per_s"] if same else None,
+                     "heldout_cos_diff_vs_naive": cos - naive_cos if same else None,
                      "mfu": (fpt * tps + proj_flops * sps) / (peak * 1e12) if peak == peak else None})
     return rows
 
@@ -289,12 +298,16 @@ def main() -> None:
     p.add_argument("--data-dir", default=os.environ.get("LEAFKD_DATA", "../shared/data"))
     p.add_argument("--out", default="eval/results/bench_gpu")
     p.add_argument("--short", type=int, default=100000, help="short texts for the capture benchmark")
-    p.add_argument("--passages", type=int, default=15000, help="passages for the capture benchmark")
+    p.add_argument("--passages", type=int, default=15000,
+                   help="passages for the capture benchmark (15,650 exist; more repeat them)")
     p.add_argument("--train-texts", type=int, default=200000)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=1024)
-    p.add_argument("--compile", action="store_true", help="also time capture and training under torch.compile")
+    p.add_argument("--compile", action="store_true", help="also time capture under torch.compile")
+    p.add_argument("--eager-train", action="store_true", help="also time packed training without torch.compile")
+    p.add_argument("--skip-training", action="store_true")
     p.add_argument("--padded-train", action="store_true", help="also time training with padded, length-grouped batches")
+    p.add_argument("--big-batch", type=int, default=0, help="also time compiled packed training at this batch size")
     p.add_argument("--skip-capture", action="store_true")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -331,7 +344,8 @@ def main() -> None:
             for r in new:
                 print(json.dumps(r), flush=True)
             save()
-    rows += bench_training(args, device, peak, out)
+    if not args.skip_training:
+        rows += bench_training(args, device, peak, out)
     print(save())
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python eval/flagship.py --stage all                  # capture + 3 trainings + evaluation
     python eval/flagship.py --stage train --runs leaf    # only the LEAF-loss run
     python eval/flagship.py --stage eval
+    python eval/flagship.py --runs adapted               # + the retrieval corpora's documents (see below)
 
 Each run is `examples/flagship.toml` with its loss weights overridden; all share one teacher-vector store.
 Evaluation is `leafkd eval` (fast engine where mteb is absent) on SciFact, Cranfield, NPL, STS-B and SICK-R, for
@@ -33,7 +34,40 @@ RUNS = {
     "ablation-leaf+lelp50": {**ABLATION, "leaf_l2": 1.0, "lelp": 50.0},
     "ablation-leaf+relational": {**ABLATION, "leaf_l2": 1.0, "relational": 1.0},
     "ablation-leaf-lr1e-3": {**ABLATION, "leaf_l2": 1.0, "lr": 1e-3},
+    # Corpus adaptation: the documents of the three retrieval sets (never their queries, never their relevance
+    # labels, nothing of STS-B or SICK-R) join the training text, whole and cut into sentence-sized pieces.
+    # An index's documents are embedded by the teacher anyway, so in deployment their vectors come free.
+    "adapted": {"leaf_l2": 1.0, "adapt": ["beir/scifact", "classic/cranfield", "classic/npl"]},
 }
+
+
+def corpus_pieces(data_dir: Path, folders: list[str], out: Path) -> list[str]:
+    """Data sources for the documents of `folders`: each BEIR folder whole, plus a text file of its documents
+    cut into sentences (at '. ', '? ', '! ') or, for unpunctuated text, 20-word windows; pieces of 4+ words."""
+    import re
+
+    from leafkd.atomic import write_text
+    from leafkd.data import read_beir
+
+    sources = []
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in folders:
+        rs = read_beir(data_dir / folder)
+        pieces: dict[str, None] = {}
+        for doc in rs.corpus.values():
+            for part in (doc["title"], doc["text"]):
+                sentences = re.split(r"(?<=[.?!])\s+", part.strip())
+                if len(sentences) == 1 and len(part.split()) > 40:  # no punctuation (NPL): fixed windows
+                    words = part.split()
+                    sentences = [" ".join(words[i : i + 20]) for i in range(0, len(words), 20)]
+                for sentence in sentences:
+                    if len(sentence.split()) >= 4:
+                        pieces[sentence.strip()] = None
+        path = out / f"{folder.replace('/', '-')}-sentences.txt"
+        write_text(path, "\n".join(pieces) + "\n")
+        print(f"{folder}: {len(rs.corpus)} documents, {len(pieces)} sentence pieces -> {path}", flush=True)
+        sources += [str(data_dir / folder), str(path)]
+    return sources
 
 
 def run_config(name: str, args) -> dict:
@@ -42,9 +76,14 @@ def run_config(name: str, args) -> dict:
     base = tomllib.loads((REPO / args.config).read_text())["train"]
     data_dir = str(Path(args.data_dir).resolve())
     base["data"] = [d.replace("../shared/data", data_dir) for d in base["data"]]
-    base.update(RUNS[name])
+    run = dict(RUNS[name])
+    adapt = run.pop("adapt", None)
+    if adapt:
+        base["data"] = base["data"] + corpus_pieces(Path(data_dir), adapt, Path(args.runs_dir) / "corpus-pieces")
+    base.update(run)
     base["output"] = str(Path(args.runs_dir) / f"flagship-{name.replace('+', '-')}")
-    base["vectors"] = str(Path(args.runs_dir) / "flagship-vectors")
+    # One store per data mix (the store holds the teacher vectors of exactly the texts it was built from).
+    base["vectors"] = str(Path(args.runs_dir) / ("flagship-vectors-adapted" if adapt else "flagship-vectors"))
     if args.epochs is not None:
         base["epochs"] = args.epochs
     if args.teacher:

@@ -1,15 +1,18 @@
 """Fast batch encoding with a SentenceTransformer model.
 
-Compared with `SentenceTransformer.encode`: all texts are tokenised up front by the Rust tokenizer in one
-parallel call, sorted by length and cut into batches by a token budget (so a batch of short texts is large and
-almost free of padding), batches are padded and moved to the device by a background thread while the previous
-one runs, and on CUDA the model runs in bf16 under `inference_mode`. The model's own modules (Transformer,
-Pooling, Dense, Normalize) do the forward pass, so the vectors are the model's vectors.
+Compared with `SentenceTransformer.encode`: texts are tokenised ahead of the device in chunks (for large inputs
+by a pool of tokenizer processes), sorted by length within a chunk and cut into batches by a token budget (so a
+batch of short texts is large), packed without padding (leafkd.packed) and moved to the device by a background
+thread while the previous batch runs; on CUDA the model runs in bf16 under `inference_mode` and vectors come
+back asynchronously. The model's own modules and weights do the forward pass, so the vectors are the model's.
 """
 
 from __future__ import annotations
 
+import atexit
+import collections
 import itertools
+import os
 import queue
 import threading
 import weakref
@@ -47,36 +50,144 @@ def max_seq_length(model) -> int:
     return int(length)
 
 
+def _encode_flat(backend, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Token ids of `texts`, flat int32, their lengths, and how many texts were truncated."""
+    encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no character offsets: faster
+    encodings = encode_batch(texts, add_special_tokens=True)
+    id_lists = [enc.ids for enc in encodings]
+    lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+    ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int32, count=int(lengths.sum()))
+    # Only a text that fills max_length can have been cut; ask those alone for overflow (a costly call).
+    truncated = sum(1 for i in np.flatnonzero(lengths >= max_length) if encodings[i].overflowing)
+    return ids, lengths, truncated
+
+
+def _join(parts: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[Tokenized, int]:
+    lengths = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, dtype=np.int32)
+    return Tokenized(ids, offsets), sum(p[2] for p in parts)
+
+
+# -- tokenisation in worker processes ------------------------------------------------------------------------
+# The Rust tokenizer runs in parallel, but turning its output into arrays (a Python list of ids per text) holds
+# the GIL: one process tops out near 50k short texts/s, below what a GPU encodes. Worker processes, each with
+# its own single-threaded copy of the tokenizer, do that part in parallel.
+
+_WORKER: dict = {}
+_POOLS: dict = {}
+POOL_TASK_TEXTS = 2048  # texts per worker task
+POOL_FIRST_TASK_TEXTS = 256
+
+
+def _worker_init(tokenizer_json: str, max_length: int) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; the pool is the parallelism
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    tokenizer.enable_truncation(max_length)
+    tokenizer.no_padding()
+    _WORKER.update(tokenizer=tokenizer, max_length=max_length)
+
+
+def _worker_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+    return _encode_flat(_WORKER["tokenizer"], texts, _WORKER["max_length"])
+
+
+def default_workers(n_texts: int) -> int:
+    """Tokenizer processes for `n_texts` texts: none for small inputs or small machines, else up to 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if n_texts < 4 * POOL_TASK_TEXTS or cpus < 4:
+        return 0
+    return min(8, cpus - 2)
+
+
+def _pool(backend, max_length: int, workers: int):
+    """A pool of tokenizer processes, started once per (tokenizer, max length, size) and kept for later calls."""
+    import hashlib
+    import multiprocessing
+
+    tokenizer_json = backend.to_str()
+    key = (hashlib.sha1(tokenizer_json.encode()).hexdigest(), max_length, workers)
+    if key not in _POOLS:
+        # fork starts in milliseconds and the workers touch no CUDA state (as DataLoader workers do); where
+        # fork is unavailable, spawn.
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        # Set before forking so the children's tokenizers do not warn that parallelism was used before a fork.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+        _POOLS[key] = context.Pool(workers, initializer=_worker_init, initargs=(tokenizer_json, max_length))
+    return _POOLS[key]
+
+
+@atexit.register
+def _close_pools() -> None:
+    for pool in _POOLS.values():
+        pool.terminate()
+    _POOLS.clear()
+
+
+def _backend(model, max_length: int):
+    backend = model.tokenizer.backend_tokenizer
+    backend.enable_truncation(max_length)
+    backend.no_padding()
+    return backend
+
+
+def tokenized_chunks(model, texts: Sequence[str], prompt: str | None = None, max_length: int | None = None,
+                     chunk: int = 16384, workers: int | None = None) -> Iterator[tuple[Tokenized, int]]:
+    """Tokenise `texts` in order, `chunk` texts at a time: (tokens, truncated count) per chunk.
+
+    With `workers` > 0 (default: by input size and CPU count, see `default_workers`) worker processes tokenise
+    ahead of the consumer, a bounded number of tasks in flight. Call from the main thread first (the pool
+    starts there); iterating from another thread is fine.
+    """
+    max_length = max_length or max_seq_length(model)
+    backend = _backend(model, max_length)
+    workers = default_workers(len(texts)) if workers is None else workers
+
+    def prompted(start: int, stop: int) -> list[str]:
+        batch = list(texts[start:stop])
+        return [prompt + t for t in batch] if prompt else batch
+
+    if workers <= 0:
+        for start in range(0, len(texts), chunk):
+            yield _join([_encode_flat(backend, prompted(start, start + chunk), max_length)])
+        return
+    pool = _pool(backend, max_length, workers)
+    # A small first task, so the device gets its first batch within milliseconds; then full-size tasks.
+    first = min(POOL_FIRST_TASK_TEXTS, len(texts))
+    edges = sorted({0, *range(first, len(texts), POOL_TASK_TEXTS), len(texts)})
+    tasks = iter(zip(edges[:-1], edges[1:]))
+    in_flight: collections.deque = collections.deque()
+
+    def submit() -> None:
+        task = next(tasks, None)
+        if task is not None:
+            in_flight.append(pool.apply_async(_worker_encode, (prompted(*task),)))
+
+    for _ in range(4 * workers):
+        submit()
+    parts, count, target = [], 0, first  # the first chunk is the first task alone
+    while in_flight:
+        part = in_flight.popleft().get()
+        submit()
+        parts.append(part)
+        count += len(part[1])
+        if count >= target or not in_flight:
+            yield _join(parts)
+            parts, count, target = [], 0, chunk
+
+
 def tokenize(model, texts: Sequence[str], prompt: str | None = None, max_length: int | None = None,
-             chunk: int = 65536) -> tuple[Tokenized, int]:
+             chunk: int = 65536, workers: int | None = None) -> tuple[Tokenized, int]:
     """Tokenise with the model's fast tokenizer, truncating to its max length.
 
     Returns the tokens and how many texts were truncated.
     """
-    tokenizer = model.tokenizer
-    max_length = max_length or max_seq_length(model)
-    backend = tokenizer.backend_tokenizer
-    backend.enable_truncation(max_length)
-    backend.no_padding()
-    encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no character offsets: faster
-    ids_parts, length_parts = [], []
-    truncated = 0
-    for start in range(0, len(texts), chunk):
-        batch = list(texts[start : start + chunk])
-        if prompt:
-            batch = [prompt + t for t in batch]
-        encodings = encode_batch(batch, add_special_tokens=True)
-        id_lists = [enc.ids for enc in encodings]
-        lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
-        ids_parts.append(np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int32, count=int(lengths.sum())))
-        length_parts.append(lengths)
-        # Only a text that fills max_length can have been cut; ask those alone for overflow (a costly call).
-        truncated += sum(1 for i in np.flatnonzero(lengths >= max_length) if encodings[i].overflowing)
-    lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, dtype=np.int64)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, dtype=np.int32)
-    return Tokenized(ids, offsets), truncated
+    parts = [(t.ids, t.lengths, n) for t, n in tokenized_chunks(model, texts, prompt, max_length, chunk, workers)]
+    return _join(parts)
 
 
 def plan_batches(lengths: np.ndarray, batch_tokens: int, max_batch: int = 8192) -> list[np.ndarray]:
@@ -278,13 +389,14 @@ def encode(model, texts: Sequence[str], *, prompt: str | None = None, batch_toke
            device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
            show_progress: bool = False, desc: str = "encode", chunk_texts: int = 16384,
            packed: bool | None = None, stats: dict | None = None,
-           progress: Callable[[int], None] | None = None, compile: bool = False) -> np.ndarray:
+           progress: Callable[[int], None] | None = None, compile: bool = False,
+           workers: int | None = None) -> np.ndarray:
     """Embed texts with a SentenceTransformer; float32 [len(texts), dim] in input order.
 
-    Tokenisation is pipelined with the forward passes: a background thread tokenises `chunk_texts` texts at
-    a time (the Rust tokenizer, in parallel, without the GIL), cuts each chunk into length-sorted batches
-    and packs them while the device runs the previous ones. `stats`, when given, receives the truncation
-    count and the real token count.
+    Tokenisation is pipelined with the forward passes: `chunk_texts` texts at a time are tokenised (for large
+    inputs by `workers` tokenizer processes, see `tokenized_chunks`), cut into length-sorted batches and packed
+    by a background thread while the device runs the previous ones. `stats`, when given, receives the
+    truncation count and the real token count.
     """
     device = torch.device(device) if device is not None else model.device
     batch_tokens = batch_tokens or default_batch_tokens(device)
@@ -292,12 +404,17 @@ def encode(model, texts: Sequence[str], *, prompt: str | None = None, batch_toke
     pad_id = model.tokenizer.pad_token_id or 0
     counts = {"truncated": 0, "tokens": 0}
 
+    # Started here, in the calling thread (a pool of tokenizer processes, when the input is large).
+    chunks = tokenized_chunks(model, texts, prompt=prompt, chunk=chunk_texts, workers=workers)
+    first = next(chunks, None)
+
     def items() -> Iterator[dict]:
-        for start in range(0, len(texts), chunk_texts):
-            tokens, truncated = tokenize(model, texts[start : start + chunk_texts], prompt=prompt)
+        start = 0
+        for tokens, truncated in itertools.chain([first] if first is not None else [], chunks):
             counts["truncated"] += truncated
             counts["tokens"] += int(tokens.lengths.sum())
             base = np.arange(start, start + len(tokens))
+            start += len(tokens)
             yield from _batch_items(tokens, batch_tokens, packed, pad_id, device.type == "cuda", base)
 
     bar = None

@@ -4,9 +4,11 @@ A padded batch spends compute on pad tokens and forces length-sorted batches to 
 texts of a batch are concatenated into one row of T real tokens: every linear layer, layer norm and activation
 runs on exactly the real tokens, and attention runs per text. On CUDA with half-precision activations and no
 position bias (BERT, MiniLM) attention is flash attention over variable-length sequences
-(`torch.nn.attention.varlen.varlen_attn`, with backward); elsewhere (CPU, fp32, MPNet's relative position bias)
+(`torch.nn.attention.varlen.varlen_attn`, with backward). Elsewhere (MPNet's relative position bias, CPU, fp32)
 the queries, keys and values are scattered into a padded [texts, heads, longest, dim] view for one
-`scaled_dot_product_attention` call and gathered back, so only attention sees padding.
+`scaled_dot_product_attention` call (memory-efficient kernel, with the bias as its mask) and gathered back, so
+only attention sees padding. (Flex attention over the packed row with a document block mask and the bias as a
+score modification was tried for MPNet and measured slower on an H100: see eval/BENCHMARKS.md.)
 
 The weights are the model's own modules' (nothing is copied), so training through this path updates the
 SentenceTransformer in place and the saved model is an ordinary one. The modules after Pooling (Dense,
@@ -26,6 +28,16 @@ from torch import nn
 from leafkd.encode import Tokenized
 
 _ARCHS = ("bert", "mpnet")
+
+
+def _padded_sdpa_backends() -> list | None:
+    """SDPA backends for the padded view: not cuDNN, which plans each new (texts, length) shape anew (hundreds of
+    milliseconds per shape, and every packed batch has a new shape) and wastes most of its tiles on short texts."""
+    try:
+        from torch.nn.attention import SDPBackend
+    except ImportError:  # pragma: no cover
+        return None
+    return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
 def _varlen():
@@ -121,6 +133,28 @@ def supported(model) -> bool:
     return unsupported_reason(model) is None
 
 
+class _MeanPool(torch.autograd.Function):
+    """Mean of each text's token rows, float32 [N, hidden].
+
+    Forward sums through the padded view (pad rows are zero), which is deterministic, unlike an atomic
+    scatter-add. Backward is a gather (each token gets its text's gradient / length); autograd's own backward
+    of the padded gather would be a sorting index_put, which took ~12% of a training step's GPU time.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pad_index: torch.Tensor, seq_ids: torch.Tensor, lengths: torch.Tensor):
+        ctx.save_for_backward(seq_ids, lengths)
+        ctx.dtype = x.dtype
+        padded = torch.cat([x, x.new_zeros(1, x.shape[1])])[pad_index]
+        return padded.float().sum(1) / lengths.clamp(min=1)[:, None]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        seq_ids, lengths = ctx.saved_tensors
+        grad_x = (grad / lengths.clamp(min=1)[:, None])[seq_ids].to(ctx.dtype)
+        return grad_x, None, None, None
+
+
 class PackedForward(nn.Module):
     """`forward(packed) -> sentence embeddings [N, dim]` over the modules of a SentenceTransformer.
 
@@ -138,7 +172,9 @@ class PackedForward(nn.Module):
         self.arch = self.auto.config.model_type
         self.heads = self.auto.config.num_attention_heads
         self.varlen = _varlen()
-        self.force_padded_attention = False  # tests compare the two attention paths
+        # None picks per call (see _attention_kind); tests force "padded" or "varlen" to compare them.
+        self.attention: str | None = None
+        self.sdpa_backends: list | None = _padded_sdpa_backends()
 
     def probe_batch(self, device: torch.device) -> Packed:
         """A one-text, two-token batch (for probes such as finding parameters the forward never uses)."""
@@ -166,6 +202,14 @@ class PackedForward(nn.Module):
                                               num_buckets=enc.relative_attention_bias.num_embeddings)
         return enc.relative_attention_bias(bucket).permute(2, 0, 1).unsqueeze(0).to(dtype)  # [1, H, L, L]
 
+    def _attention_kind(self, x: torch.Tensor) -> str:
+        if self.attention is not None:
+            return self.attention
+        half = x.dtype != torch.float32 or torch.is_autocast_enabled("cuda")
+        if x.is_cuda and half and self.arch == "bert" and self.varlen is not None:
+            return "varlen"
+        return "padded"
+
     def _attention_mask(self, p: Packed, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """The padded path's mask, built once per forward: keys that are real tokens (+ MPNet's bias)."""
         valid = (p.pad_index < p.ids.shape[0])[:, None, None, :]  # [N, 1, 1, L]
@@ -173,11 +217,12 @@ class PackedForward(nn.Module):
             return valid
         return bias.to(dtype).masked_fill(~valid, float("-inf"))  # [N, H, L, L]
 
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Packed, mask: torch.Tensor,
-                   use_varlen: bool, dropout: float) -> torch.Tensor:
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Packed, kind: str, ctx,
+                   dropout: float) -> torch.Tensor:
         """q, k, v: [T, H, D] -> [T, H, D], each text attending only to itself."""
-        if use_varlen and dropout == 0.0 and q.dtype in (torch.float16, torch.bfloat16):
+        if kind == "varlen" and dropout == 0.0 and q.dtype in (torch.float16, torch.bfloat16):
             return self.varlen(q, k, v, p.cu_seqlens, p.cu_seqlens, p.max_len, p.max_len)
+        mask = ctx if kind == "padded" else self._attention_mask(p, self._position_bias(p, q.dtype), q.dtype)
         t, h, d = q.shape
         zero = q.new_zeros(1, h, d)
 
@@ -186,11 +231,17 @@ class PackedForward(nn.Module):
 
         if mask.dtype != torch.bool and mask.dtype != q.dtype:  # e.g. CPU autocast
             mask = mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, dropout_p=dropout)
+        if q.is_cuda and self.sdpa_backends is not None:
+            from torch.nn.attention import sdpa_kernel
+
+            with sdpa_kernel(self.sdpa_backends):
+                out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, dropout_p=dropout)
+        else:
+            out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, dropout_p=dropout)
         # Back to packed rows by gathering each token's (text, position) cell: no data-dependent shapes, no sync.
         return out.transpose(1, 2)[p.seq_ids, p.positions]
 
-    def _layer(self, layer: nn.Module, x: torch.Tensor, p: Packed, mask: torch.Tensor, use_varlen: bool) -> torch.Tensor:
+    def _layer(self, layer: nn.Module, x: torch.Tensor, p: Packed, kind: str, ctx) -> torch.Tensor:
         t = x.shape[0]
         if self.arch == "mpnet":
             att = layer.attention.attn
@@ -205,28 +256,28 @@ class PackedForward(nn.Module):
         # One fused QKV projection instead of three (the concatenation is tiny next to the product).
         qkv = F.linear(x, torch.cat([wq.weight, wk.weight, wv.weight]), torch.cat([wq.bias, wk.bias, wv.bias]))
         q, k, v = qkv.view(t, 3, self.heads, -1).unbind(1)
-        ctx = self._attention(q, k, v, p, mask, use_varlen, attn_p if self.auto.training else 0.0)
-        x = attn_norm(attn_drop(wo(ctx.reshape(t, -1))) + x)
+        out = self._attention(q, k, v, p, kind, ctx, attn_p if self.auto.training else 0.0)
+        x = attn_norm(attn_drop(wo(out.reshape(t, -1))) + x)
         inter = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
         return layer.output.LayerNorm(layer.output.dropout(layer.output.dense(inter)) + x)
 
     def token_embeddings(self, p: Packed) -> torch.Tensor:
         """Last hidden states of the real tokens, [T, hidden]."""
         x = self._embed(p)
-        bias = self._position_bias(p, x.dtype)
-        use_varlen = (self.varlen is not None and bias is None and x.is_cuda and not self.force_padded_attention
-                      and (x.dtype != torch.float32 or torch.is_autocast_enabled("cuda")))
-        mask = None if use_varlen else self._attention_mask(p, bias, torch.get_autocast_dtype("cuda")
-                                                             if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype)
+        kind = self._attention_kind(x)
+        # What attention needs is built once per forward and shared by the layers.
+        if kind == "padded":
+            dtype = (torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype)
+            ctx = self._attention_mask(p, self._position_bias(p, dtype), dtype)
+        else:
+            ctx = None
         for layer in self.auto.encoder.layer:
-            x = self._layer(layer, x, p, mask, use_varlen)
+            x = self._layer(layer, x, p, kind, ctx)
         return x
 
     def forward(self, p: Packed) -> torch.Tensor:
         x = self.token_embeddings(p)
-        # Mean pooling through the padded view (pad rows are zero): deterministic, unlike an atomic scatter-add.
-        padded = torch.cat([x, x.new_zeros(1, x.shape[1])])[p.pad_index]
-        pooled = padded.float().sum(1) / p.lengths.clamp(min=1)[:, None]
+        pooled = _MeanPool.apply(x, p.pad_index, p.seq_ids, p.lengths)
         features = {"sentence_embedding": pooled.to(x.dtype) if x.dtype != torch.float32 else pooled}
         for m in list(self.model)[2:]:
             features = m(features)

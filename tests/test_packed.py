@@ -119,6 +119,24 @@ def test_varlen_flash_attention_equals_padded_on_cuda():
     p = pack(tokens, np.arange(len(tokens))).to(torch.device("cuda"))
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         fast = forward(p).float()
-        forward.force_padded_attention = True
+        forward.attention = "padded"
         slow = forward(p).float()
     assert torch.nn.functional.cosine_similarity(fast, slow).min() > 0.999
+
+
+def test_tokenizer_processes_match_in_process(minilm):
+    """Worker-process tokenisation: same ids, order, truncation count and vectors as in-process tokenisation."""
+    from leafkd.encode import POOL_TASK_TEXTS, tokenized_chunks
+
+    texts = [f"{TEXTS[i % len(TEXTS)]} number {i}" + (" long" * 300 if i % 97 == 0 else "")
+             for i in range(2 * POOL_TASK_TEXTS + 37)]
+    local, cut_local = tokenize(minilm, texts, prompt="query: ", workers=0)
+    pooled, cut_pooled = tokenize(minilm, texts, prompt="query: ", workers=2)
+    assert cut_local == cut_pooled > 0
+    np.testing.assert_array_equal(local.offsets, pooled.offsets)
+    np.testing.assert_array_equal(local.ids, pooled.ids)
+    sizes = [len(t) for t, _ in tokenized_chunks(minilm, texts, chunk=3000, workers=2)]
+    assert sum(sizes) == len(texts) and max(sizes) < 3000 + POOL_TASK_TEXTS
+    some = texts[: POOL_TASK_TEXTS + 5]
+    np.testing.assert_allclose(encode(minilm, some, device="cpu", workers=2, chunk_texts=1000),
+                               encode(minilm, some, device="cpu", workers=0), atol=1e-6)
