@@ -50,7 +50,6 @@ def corpus_pieces(data_dir: Path, folders: list[str], out: Path) -> list[str]:
     from leafkd.data import read_beir
 
     sources = []
-    out.mkdir(parents=True, exist_ok=True)
     for folder in folders:
         rs = read_beir(data_dir / folder)
         pieces: dict[str, None] = {}
@@ -63,6 +62,7 @@ def corpus_pieces(data_dir: Path, folders: list[str], out: Path) -> list[str]:
                 for sentence in sentences:
                     if len(sentence.split()) >= 4:
                         pieces[sentence.strip()] = None
+        out.mkdir(parents=True, exist_ok=True)
         path = out / f"{folder.replace('/', '-')}-sentences.txt"
         write_text(path, "\n".join(pieces) + "\n")
         print(f"{folder}: {len(rs.corpus)} documents, {len(pieces)} sentence pieces -> {path}", flush=True)
@@ -153,4 +153,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from leafkd.errors import LeafkdError
+
+    try:
+        main()
+    except LeafkdError as e:  # a user error (a missing data folder, a bad config): one line, no traceback
+        sys.exit(f"error: {e}")

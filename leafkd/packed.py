@@ -18,6 +18,7 @@ the model's own forward otherwise.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -217,12 +218,13 @@ class PackedForward(nn.Module):
             return valid
         return bias.to(dtype).masked_fill(~valid, float("-inf"))  # [N, H, L, L]
 
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Packed, kind: str, ctx,
-                   dropout: float) -> torch.Tensor:
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Packed, kind: str,
+                   mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
         """q, k, v: [T, H, D] -> [T, H, D], each text attending only to itself."""
         if kind == "varlen" and dropout == 0.0 and q.dtype in (torch.float16, torch.bfloat16):
             return self.varlen(q, k, v, p.cu_seqlens, p.cu_seqlens, p.max_len, p.max_len)
-        mask = ctx if kind == "padded" else self._attention_mask(p, self._position_bias(p, q.dtype), q.dtype)
+        if mask is None:  # varlen chosen, but attention dropout (training) needs the padded view
+            mask = self._attention_mask(p, self._position_bias(p, q.dtype), q.dtype)
         t, h, d = q.shape
         zero = q.new_zeros(1, h, d)
 
@@ -231,17 +233,17 @@ class PackedForward(nn.Module):
 
         if mask.dtype != torch.bool and mask.dtype != q.dtype:  # e.g. CPU autocast
             mask = mask.to(q.dtype)
+        backends = contextlib.nullcontext()
         if q.is_cuda and self.sdpa_backends is not None:
             from torch.nn.attention import sdpa_kernel
 
-            with sdpa_kernel(self.sdpa_backends):
-                out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, dropout_p=dropout)
-        else:
+            backends = sdpa_kernel(self.sdpa_backends)
+        with backends:
             out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, dropout_p=dropout)
         # Back to packed rows by gathering each token's (text, position) cell: no data-dependent shapes, no sync.
         return out.transpose(1, 2)[p.seq_ids, p.positions]
 
-    def _layer(self, layer: nn.Module, x: torch.Tensor, p: Packed, kind: str, ctx) -> torch.Tensor:
+    def _layer(self, layer: nn.Module, x: torch.Tensor, p: Packed, kind: str, mask: torch.Tensor | None) -> torch.Tensor:
         t = x.shape[0]
         if self.arch == "mpnet":
             att = layer.attention.attn
@@ -256,7 +258,7 @@ class PackedForward(nn.Module):
         # One fused QKV projection instead of three (the concatenation is tiny next to the product).
         qkv = F.linear(x, torch.cat([wq.weight, wk.weight, wv.weight]), torch.cat([wq.bias, wk.bias, wv.bias]))
         q, k, v = qkv.view(t, 3, self.heads, -1).unbind(1)
-        out = self._attention(q, k, v, p, kind, ctx, attn_p if self.auto.training else 0.0)
+        out = self._attention(q, k, v, p, kind, mask, attn_p if self.auto.training else 0.0)
         x = attn_norm(attn_drop(wo(out.reshape(t, -1))) + x)
         inter = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
         return layer.output.LayerNorm(layer.output.dropout(layer.output.dense(inter)) + x)
@@ -265,14 +267,12 @@ class PackedForward(nn.Module):
         """Last hidden states of the real tokens, [T, hidden]."""
         x = self._embed(p)
         kind = self._attention_kind(x)
-        # What attention needs is built once per forward and shared by the layers.
+        mask = None  # the padded view's mask, built once per forward and shared by the layers
         if kind == "padded":
             dtype = (torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype)
-            ctx = self._attention_mask(p, self._position_bias(p, dtype), dtype)
-        else:
-            ctx = None
+            mask = self._attention_mask(p, self._position_bias(p, dtype), dtype)
         for layer in self.auto.encoder.layer:
-            x = self._layer(layer, x, p, kind, ctx)
+            x = self._layer(layer, x, p, kind, mask)
         return x
 
     def forward(self, p: Packed) -> torch.Tensor:

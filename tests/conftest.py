@@ -34,3 +34,18 @@ def minilm(minilm_path):
     from leafkd.models import load_model
 
     return load_model(minilm_path, device="cpu")
+
+
+
+@pytest.fixture(scope="session")
+def wordnet_texts_file(data_dir):
+    """make(folder, unique, duplicates): a text file of the first `unique` WordNet example sentences, then
+    `duplicates` of them again (for tests of deduplication)."""
+
+    def make(folder: Path, unique: int, duplicates: int) -> Path:
+        lines = (data_dir / "train" / "wordnet_examples.txt").read_text().splitlines()[:unique]
+        path = folder / "texts.txt"
+        path.write_text("\n".join(lines + lines[:duplicates]) + "\n")
+        return path
+
+    return make

@@ -17,11 +17,8 @@ from leafkd.store import VectorStore
 
 
 @pytest.fixture(scope="module")
-def texts_file(tmp_path_factory, data_dir):
-    lines = (data_dir / "train" / "wordnet_examples.txt").read_text().splitlines()[:600]
-    path = tmp_path_factory.mktemp("cap") / "texts.txt"
-    path.write_text("\n".join(lines + lines[:50]) + "\n")  # 50 duplicates to be dropped
-    return path
+def texts_file(tmp_path_factory, wordnet_texts_file):
+    return wordnet_texts_file(tmp_path_factory.mktemp("cap"), 600, 50)  # duplicates are dropped
 
 
 @pytest.fixture(scope="module")

@@ -55,11 +55,8 @@ def _leafkd(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def texts_file(tmp_path_factory, data_dir):
-    lines = (data_dir / "train" / "wordnet_examples.txt").read_text().splitlines()[:290]
-    path = tmp_path_factory.mktemp("dist") / "texts.txt"
-    path.write_text("\n".join(lines + lines[:20]) + "\n")  # 20 duplicates to be dropped
-    return path
+def texts_file(tmp_path_factory, wordnet_texts_file):
+    return wordnet_texts_file(tmp_path_factory.mktemp("dist"), 290, 20)  # duplicates are dropped
 
 
 @contextlib.contextmanager
