@@ -224,7 +224,10 @@ def bench_training(args, device: torch.device, peak: float, out: Path) -> list[d
                   projection_lr=1e-3, eval_every=0, checkpoint_every=0, log_every=10, progress=False, plot=False,
                   device=str(device), resume=False)
     results: dict[str, tuple] = {}
-    variants = [("leafkd train (packed; defaults: compiled on CUDA)", "run", {"packed": "true"})]
+    variants = [("leafkd train (packed; defaults: compiled, CUDA graphs)", "run", {"packed": "true"})]
+    if args.no_graphs_train:
+        variants.append(("leafkd train (packed, compiled, no CUDA graphs)", "run-nographs",
+                         {"packed": "true", "cuda_graphs": "false"}))
     if args.eager_train:
         variants.append(("leafkd train (packed, eager)", "run-eager", {"packed": "true", "compile": "false"}))
     if args.padded_train:
@@ -246,7 +249,10 @@ def bench_training(args, device: torch.device, peak: float, out: Path) -> list[d
         tr = [r for r in recs if r["type"] == "train"][1:]  # skip the first window (warm-up)
         sps = float(np.median([r["samples_per_s"] for r in tr]))
         tps = float(np.median([r["tokens_per_s"] for r in tr]))
-        results[label] = (sps, tps, res["final"]["heldout_cos_mean"], wall, cfg.batch_size)
+        graphs = res.get("cuda_graphs")
+        graphs = (f"{graphs['graphs']} graphs, {graphs['replays']} replays, {graphs['eager_steps']} eager"
+                  + (f"; off: {graphs['disabled']}" if graphs["disabled"] else "")) if graphs else "off"
+        results[label] = (sps, tps, res["final"]["heldout_cos_mean"], wall, cfg.batch_size, graphs)
     # The naive loop, from the same initialisation (same data split, same ridge warm start).
     cfg = load_config(None, output=str(work / "naive"), **common)
     data = prepare_data(cfg, Path(cfg.output), lambda *a: None)
@@ -271,11 +277,11 @@ def bench_training(args, device: torch.device, peak: float, out: Path) -> list[d
                  "samples_per_s": naive_stats["samples_per_s"], "real_tokens_per_s": naive_stats["real_tokens_per_s"],
                  "padding_fraction": naive_stats["padding_fraction"], "heldout_cos": naive_cos, "seconds": naive_wall,
                  "mfu": (fpt * naive_stats["real_tokens_per_s"] + proj_flops * naive_stats["samples_per_s"]) / (peak * 1e12) if peak == peak else None})
-    for label, (sps, tps, cos, wall, batch) in results.items():
+    for label, (sps, tps, cos, wall, batch, graphs) in results.items():
         same = batch == args.batch  # ratios and cosine differences only at the naive loop's batch size
         rows.append({"section": f"training (batch {batch}, {args.steps} steps)", "method": label,
                      "samples_per_s": sps, "real_tokens_per_s": tps, "heldout_cos": cos, "seconds": wall,
-                     "ratio": sps / naive_stats["samples_per_s"] if same else None,
+                     "ratio": sps / naive_stats["samples_per_s"] if same else None, "cuda_graphs": graphs,
                      "heldout_cos_diff_vs_naive": cos - naive_cos if same else None,
                      "mfu": (fpt * tps + proj_flops * sps) / (peak * 1e12) if peak == peak else None})
     return rows
@@ -305,6 +311,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--compile", action="store_true", help="also time capture under torch.compile")
     p.add_argument("--eager-train", action="store_true", help="also time packed training without torch.compile")
+    p.add_argument("--no-graphs-train", action="store_true", help="also time compiled packed training without CUDA graphs")
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--padded-train", action="store_true", help="also time training with padded, length-grouped batches")
     p.add_argument("--big-batch", type=int, default=0, help="also time compiled packed training at this batch size")
@@ -322,7 +329,7 @@ def main() -> None:
     print(f"packed attention for BERT students: {attention}", flush=True)
     rows: list[dict] = []
     cols = ["section", "method", "texts_per_s", "samples_per_s", "real_tokens_per_s", "ratio", "padding_fraction",
-            "mfu", "heldout_cos", "heldout_cos_diff_vs_naive", "cosine_to_st_output", "seconds", "error"]
+            "mfu", "heldout_cos", "heldout_cos_diff_vs_naive", "cosine_to_st_output", "cuda_graphs", "seconds", "error"]
 
     def save() -> str:
         # Written after every section, so a run cut short still leaves what it measured.

@@ -4,6 +4,7 @@
     python eval/flagship.py --stage train --runs leaf    # only the LEAF-loss run
     python eval/flagship.py --stage eval
     python eval/flagship.py --runs adapted               # + the retrieval corpora's documents (see below)
+    python eval/flagship.py --runs adapted-w3-len384     # the corpus-adapted recipe (corpora 3x, 384-token student)
 
 Each run is `examples/flagship.toml` with its loss weights overridden; all share one teacher-vector store.
 Evaluation is `leafkd eval` (fast engine where mteb is absent) on SciFact, Cranfield, NPL, STS-B and SICK-R, for
@@ -38,6 +39,15 @@ RUNS = {
     # labels, nothing of STS-B or SICK-R) join the training text, whole and cut into sentence-sized pieces.
     # An index's documents are embedded by the teacher anyway, so in deployment their vectors come free.
     "adapted": {"leaf_l2": 1.0, "adapt": ["beir/scifact", "classic/cranfield", "classic/npl"]},
+    # Variants of the corpus adaptation: the corpora's texts visited 3x per epoch; the student reading up to 384
+    # tokens (the teacher's limit) instead of MiniLM's 256, so long documents are matched on what the teacher saw.
+    "adapted-w3": {"leaf_l2": 1.0, "adapt": ["beir/scifact", "classic/cranfield", "classic/npl"], "adapt_weight": 3},
+    "adapted-len384": {"leaf_l2": 1.0, "adapt": ["beir/scifact", "classic/cranfield", "classic/npl"],
+                       "max_seq_length": 384},
+    "adapted-w3-len384": {"leaf_l2": 1.0, "adapt": ["beir/scifact", "classic/cranfield", "classic/npl"],
+                          "adapt_weight": 3, "max_seq_length": 384},
+    "adapted-w5-len384": {"leaf_l2": 1.0, "adapt": ["beir/scifact", "classic/cranfield", "classic/npl"],
+                          "adapt_weight": 5, "max_seq_length": 384},
 }
 
 
@@ -78,8 +88,10 @@ def run_config(name: str, args) -> dict:
     base["data"] = [d.replace("../shared/data", data_dir) for d in base["data"]]
     run = dict(RUNS[name])
     adapt = run.pop("adapt", None)
+    adapt_weight = run.pop("adapt_weight", 1)
     if adapt:
-        base["data"] = base["data"] + corpus_pieces(Path(data_dir), adapt, Path(args.runs_dir) / "corpus-pieces")
+        sources = corpus_pieces(Path(data_dir), adapt, Path(args.runs_dir) / "corpus-pieces")
+        base["data"] = base["data"] + [f"{s}*{adapt_weight}" if adapt_weight != 1 else s for s in sources]
     base.update(run)
     base["output"] = str(Path(args.runs_dir) / f"flagship-{name.replace('+', '-')}")
     # One store per data mix (the store holds the teacher vectors of exactly the texts it was built from).

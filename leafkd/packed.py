@@ -51,14 +51,19 @@ def _varlen():
 
 @dataclass
 class Packed:
-    """One packed batch: ids [T], position of each token in its text [T], and per-text layout."""
+    """One packed batch: ids [T], position of each token in its text [T], and per-text layout.
+
+    A batch packed with a token bucket ends with filler tokens (ids of the pad token) that make T a multiple of
+    the bucket: they form one extra sequence in `cu_seqlens`, belong to no text (`seq_ids` N) and are never
+    pooled, so fixed shapes (one CUDA graph per bucket) cost no correctness.
+    """
 
     ids: torch.Tensor  # int64 [T]
     positions: torch.Tensor  # int64 [T]
-    cu_seqlens: torch.Tensor  # int32 [N+1]
+    cu_seqlens: torch.Tensor  # int32 [N+1], or [N+2] with filler
     pad_index: torch.Tensor  # int64 [N, L]: token index in 0..T-1, or T for padding
     lengths: torch.Tensor  # float32 [N]
-    seq_ids: torch.Tensor  # int64 [T]: the text each token belongs to
+    seq_ids: torch.Tensor  # int64 [T]: the text each token belongs to (N for filler)
     max_len: int
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
@@ -70,26 +75,51 @@ class Packed:
     def pin_memory(self) -> "Packed":
         return Packed(*(t.pin_memory() for t in self._tensors()), self.max_len)
 
+    def copy_(self, other: "Packed") -> "Packed":
+        """Copy `other` (same shapes) into these tensors: the static inputs of a CUDA graph."""
+        for dst, src in zip(self._tensors(), other._tensors()):
+            dst.copy_(src, non_blocking=True)
+        return self
+
+    @property
+    def shape_key(self) -> tuple[int, ...]:
+        return (int(self.ids.shape[0]), int(self.cu_seqlens.shape[0]), *self.pad_index.shape, self.max_len)
+
     @property
     def num_texts(self) -> int:
-        return int(self.cu_seqlens.shape[0]) - 1
+        return int(self.lengths.shape[0])
 
 
-def pack(tokens: Tokenized, index: np.ndarray) -> Packed:
-    """The texts `index` of `tokens`, concatenated in that order (vectorised; no per-text Python loop)."""
+def pack(tokens: Tokenized, index: np.ndarray, bucket: int = 0, width: int = 0, filler_id: int = 0) -> Packed:
+    """The texts `index` of `tokens`, concatenated in that order (vectorised; no per-text Python loop).
+
+    bucket > 0 pads the row with filler tokens to a multiple of `bucket` tokens; width > 0 fixes the padded
+    view's width (and max_len) at max(width, longest text). Both only fix shapes; the real tokens' results are
+    unchanged. The filler must fit one sequence of at most max_len tokens, so bucket <= width.
+    """
     lengths = tokens.lengths[index].astype(np.int64)
     n = len(index)
     cu = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=cu[1:])
-    total = int(cu[-1])
+    real = int(cu[-1])
     starts = np.repeat(cu[:-1], lengths)
-    positions = np.arange(total, dtype=np.int64) - starts
+    positions = np.arange(real, dtype=np.int64) - starts
     src = np.repeat(tokens.offsets[index], lengths) + positions
     ids = tokens.ids[src].astype(np.int64)
-    max_len = int(lengths.max()) if n else 0
-    cols = np.arange(max_len, dtype=np.int64)
-    pad_index = np.where(cols[None, :] < lengths[:, None], cu[:-1, None] + cols[None, :], total)
     seq_ids = np.repeat(np.arange(n, dtype=np.int64), lengths)
+    max_len = max(int(lengths.max()) if n else 0, width)
+    total = real
+    if bucket > 0:
+        if bucket > max(max_len, 1):
+            raise ValueError(f"bucket {bucket} exceeds the longest sequence {max_len}")
+        total = -(-real // bucket) * bucket
+        fill = total - real
+        cu = np.append(cu, total)
+        ids = np.concatenate([ids, np.full(fill, filler_id, dtype=np.int64)])
+        positions = np.concatenate([positions, np.arange(fill, dtype=np.int64)])
+        seq_ids = np.concatenate([seq_ids, np.full(fill, n, dtype=np.int64)])
+    cols = np.arange(max_len, dtype=np.int64)
+    pad_index = np.where(cols[None, :] < lengths[:, None], cu[:n, None] + cols[None, :], total)
     return Packed(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(cu.astype(np.int32)),
                   torch.from_numpy(pad_index), torch.from_numpy(lengths.astype(np.float32)),
                   torch.from_numpy(seq_ids), max_len)
@@ -152,8 +182,9 @@ class _MeanPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         seq_ids, lengths = ctx.saved_tensors
-        grad_x = (grad / lengths.clamp(min=1)[:, None])[seq_ids].to(ctx.dtype)
-        return grad_x, None, None, None
+        per_text = grad / lengths.clamp(min=1)[:, None]
+        per_text = torch.cat([per_text, per_text.new_zeros(1, per_text.shape[1])])  # filler tokens (text N): 0
+        return per_text[seq_ids].to(ctx.dtype), None, None, None
 
 
 class PackedForward(nn.Module):
@@ -241,7 +272,9 @@ class PackedForward(nn.Module):
         with backends:
             out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, dropout_p=dropout)
         # Back to packed rows by gathering each token's (text, position) cell: no data-dependent shapes, no sync.
-        return out.transpose(1, 2)[p.seq_ids, p.positions]
+        # Filler tokens (text N, see pack) read a real cell; their rows are never pooled and get no gradient.
+        n, length = p.pad_index.shape
+        return out.transpose(1, 2)[p.seq_ids.clamp(max=n - 1), p.positions.clamp(max=length - 1)]
 
     def _layer(self, layer: nn.Module, x: torch.Tensor, p: Packed, kind: str, mask: torch.Tensor | None) -> torch.Tensor:
         t = x.shape[0]

@@ -36,6 +36,7 @@ from leafkd.encode import Tokenized, _prefetch, encode_tokens, pad_batch, tokeni
 from leafkd.errors import LeafkdError
 from leafkd.losses import CombinedLoss, CosineLoss, LeafL2Loss, LELPHead, LELPLoss, MSELoss, RelationalLoss
 from leafkd.models import resolve_model
+from leafkd.graphs import GraphedTrainStep, bucket_tokens, fixed_width
 from leafkd.packed import PackedForward, pack, supported as packed_supported, unsupported_reason
 from leafkd.store import VectorStore
 from leafkd.student import build_student, warm_start
@@ -110,13 +111,15 @@ class TrainConfig:
     packed: str = _opt("auto", "unpadded batches: each batch's texts concatenated, attention per text, batches drawn at "
                        "random instead of grouped by length (auto: when the student is BERT/MPNet with mean pooling; "
                        "true; false: padded, length-grouped batches)")
+    cuda_graphs: str = _opt("auto", "replay each packed training step as a CUDA graph (one per token bucket): auto (packed "
+                            "training with flash attention on one CUDA device, grad_accum 1), true, false")
     capture_batch_tokens: int | None = _opt(None, "token budget per teacher batch when capturing")
     plot: bool = _opt(True, "write curves.png")
     progress: bool = _opt(True, "show progress bars")
 
     # Options that do not change the result: a resumed run may change them.
     RESUME_FREE = ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "resume", "plot", "progress",
-                   "device", "max_steps", "epochs", "compile")
+                   "device", "max_steps", "epochs", "compile", "cuda_graphs")
 
     # Selection options (issue 8) enter the key only where they change the run: off their defaults, and the
     # select_* ones only when selection is on (so keys of runs from before selection existed are unchanged).
@@ -188,6 +191,8 @@ def validate(cfg: TrainConfig) -> None:
         raise LeafkdError("select_clusters must be >= 1, select_refresh_every and select_score_texts >= 0")
     if str(cfg.compile).lower() not in ("auto", "true", "false"):
         raise LeafkdError(f"compile must be auto, true or false, not {cfg.compile!r}")
+    if str(cfg.cuda_graphs).lower() not in ("auto", "true", "false"):
+        raise LeafkdError(f"cuda_graphs must be auto, true or false, not {cfg.cuda_graphs!r}")
     if str(cfg.packed).lower() not in ("auto", "true", "false"):
         raise LeafkdError(f"packed must be auto, true or false, not {cfg.packed!r}")
     if not 0 < cfg.dedup_threshold <= 1:
@@ -336,6 +341,25 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------
+def _graphs_unsupported(cfg: TrainConfig, packed: bool, device: torch.device, world: int, forward,
+                        autocast: torch.dtype | None) -> str | None:
+    """None when the training step can be replayed as CUDA graphs; otherwise why not (one line)."""
+    if not packed:
+        return "needs packed training"
+    if device.type != "cuda":
+        return f"needs a CUDA device, not {device.type}"
+    if world > 1:
+        return "one process only (DDP's gradient hooks are not captured)"
+    if cfg.grad_accum != 1:
+        return "needs grad_accum 1"
+    if cfg.dropout > 0:
+        return "needs dropout 0"
+    inner = getattr(forward, "_orig_mod", forward)
+    if autocast is None or inner._attention_kind(torch.empty(1, device=device, dtype=autocast)) != "varlen":
+        return "needs flash attention over packed texts (BERT-style student, bf16/fp16)"
+    return None
+
+
 def _checkpoints(out: Path) -> list[Path]:
     root = out / "checkpoints"
     if not root.is_dir():
@@ -566,6 +590,17 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if compile_mode == "true" or (compile_mode == "auto" and packed and device.type == "cuda"):
         forward = torch.compile(forward, dynamic=True)
     pad_id = student.tokenizer.pad_token_id or 0
+    graphed, graph_shapes = None, {}
+    graphs_mode = str(cfg.cuda_graphs).lower()
+    if graphs_mode != "false":
+        why_not = _graphs_unsupported(cfg, packed, device, world, forward if packed else None, autocast)
+        if why_not is None:
+            width = fixed_width(lengths[data.train_idx])
+            graph_shapes = {"bucket": bucket_tokens(float(lengths[data.train_idx].mean()) * cfg.batch_size, width),
+                            "width": width, "filler_id": pad_id}
+            graphed = GraphedTrainStep(forward, loss_fn, list(student.parameters()), teacher_dev, autocast)
+        elif graphs_mode == "true":
+            raise LeafkdError(f"--cuda-graphs true: {why_not}")
 
     def run_eval() -> dict:
         student.eval()
@@ -600,7 +635,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 item = {"idx": torch.from_numpy(idx), "real_tokens": int(lengths[full].sum()), "n": len(full),
                         "weight": weight}
                 if packed:
-                    item["packed"] = pack(tokens, idx)
+                    item["packed"] = pack(tokens, idx, **graph_shapes)
                 else:
                     ids, mask = pad_batch(tokens, idx, pad_id)
                     item["ids"], item["mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
@@ -630,12 +665,21 @@ def train(cfg: TrainConfig, log=print) -> dict:
             factor = lr_factor(step, total_steps, cfg.warmup)
             for g, base in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base * factor
-            optimizer.zero_grad(set_to_none=True)
+            if graphed is None:  # the graphs zero their static gradient buffers themselves
+                optimizer.zero_grad(set_to_none=True)
             total = None
             for micro in range(cfg.grad_accum):
                 epoch, position, item = next(stream)
                 if ddp is not None:  # DDP's no_sync(): all-reduce the gradients only on the last micro-batch
                     ddp.require_backward_grad_sync = micro == cfg.grad_accum - 1
+                if graphed is not None:
+                    loss, parts = graphed(item["packed"], item["idx"])
+                    total = loss
+                    for name, value in parts.items():
+                        part_sums[name] = part_sums.get(name, 0.0) + value
+                    samples_since += item["n"]
+                    tokens_since += item["real_tokens"]
+                    continue
                 target = teacher_dev[item["idx"].to(device, non_blocking=True)].float()
                 with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
                     if packed:
@@ -719,6 +763,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
         if bar is not None:
             bar.close()
 
+    graph_stats = None
+    if graphed is not None:
+        graph_stats = graphed.stats()
+        log(f"CUDA graphs: {graph_stats['graphs']} captured, {graph_stats['replays']} replays, "
+            f"{graph_stats['eager_steps']} eager steps"
+            + (f"; off after a failed capture: {graph_stats['disabled']}" if graph_stats["disabled"] else ""))
+        graphed = None  # frees the graphs' memory pool before the final evaluation
     final = run_eval()
     baseline = next((r for r in metrics.records if r.get("type") == "baseline"), None)
     model_dir = out / "model"
@@ -752,4 +803,5 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if cfg.plot and is_main:
         plot_curves(metrics.records, out / "curves.png")
     dist_.barrier()  # the others return once rank 0 has written the model
-    return {"model": str(model_dir), "final": final, "ridge_baseline": info["metrics"]["ridge_baseline"], "steps": step}
+    return {"model": str(model_dir), "final": final, "ridge_baseline": info["metrics"]["ridge_baseline"], "steps": step,
+            "cuda_graphs": graph_stats}

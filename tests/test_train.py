@@ -131,6 +131,12 @@ def test_bad_options_are_one_line_errors(tmp_path, texts_file, minilm_path):
         lines = [l for l in r.stderr.splitlines() if l.strip()]
         assert r.returncode == 2 and lines and lines[-1].startswith("error: "), (extra, r.stderr[-1500:])
         assert "Traceback" not in r.stderr
+    with pytest.raises(LeafkdError, match="cuda_graphs must be"):
+        train(load_config(None, **_args(texts_file, minilm_path, tmp_path / "bad", cuda_graphs="maybe")))
+    if not torch.cuda.is_available():
+        with pytest.raises(LeafkdError, match="cuda-graphs true: needs a CUDA device"):
+            train(load_config(None, **_args(texts_file, minilm_path, tmp_path / "bad", cuda_graphs="true", device="cpu",
+                                            packed="true")), log=lambda *a: None)
     with pytest.raises(LeafkdError, match="unknown option"):
         load_config(None, bogus=1)
     (tmp_path / "c.toml").write_text("lr = [\n")
