@@ -1,9 +1,9 @@
 """CUDA graphs of the packed training step: forward, loss and backward replayed with one launch per batch.
 
 A compiled packed step of a small student is some hundreds of kernels of a few microseconds each; at the batch
-sizes distillation uses, Python issues them more slowly than the GPU runs them (on an H100 a MiniLM step took
-~19 ms at batch 512 and at batch 1024 alike: the host's time, not the GPU's). A CUDA graph replays the whole
-step from one call. Graphs need fixed shapes, so batches are packed with a token bucket (`pack(bucket=,
+sizes distillation uses, Python issues them more slowly than the GPU runs them (on an H100, MiniLM: 14.4 ms per
+step at batch 512 and 20.1 ms at 1024, half the tokens for 72% of the time; with graphs 8.7 and 15.2 ms, see
+eval/BENCHMARKS.md). A CUDA graph replays the whole step from one call. Graphs need fixed shapes, so batches are packed with a token bucket (`pack(bucket=,
 width=)`: filler tokens up to a multiple of the bucket, the padded view fixed at the longest training text);
 each shape is captured on its second appearance (its first runs eagerly, which also compiles it) and replayed
 after that. The optimiser step stays eager (a few fused launches). Any capture failure turns graphs off for the

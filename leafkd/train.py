@@ -34,9 +34,9 @@ from leafkd.capture import capture, capture_blackbox, check_store_for_teacher, p
 from leafkd.data import Corpus, load_corpus, text_hash
 from leafkd.encode import Tokenized, _prefetch, encode_tokens, pad_batch, tokenize
 from leafkd.errors import LeafkdError
+from leafkd.graphs import GraphedTrainStep, bucket_tokens, fixed_width
 from leafkd.losses import CombinedLoss, CosineLoss, LeafL2Loss, LELPHead, LELPLoss, MSELoss, RelationalLoss
 from leafkd.models import resolve_model
-from leafkd.graphs import GraphedTrainStep, bucket_tokens, fixed_width
 from leafkd.packed import PackedForward, pack, supported as packed_supported, unsupported_reason
 from leafkd.store import VectorStore
 from leafkd.student import build_student, warm_start
@@ -340,11 +340,11 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-# -- checkpoints -------------------------------------------------------------------------------------------
-def _graphs_unsupported(cfg: TrainConfig, packed: bool, device: torch.device, world: int, forward,
-                        autocast: torch.dtype | None) -> str | None:
-    """None when the training step can be replayed as CUDA graphs; otherwise why not (one line)."""
-    if not packed:
+def _graphs_unsupported(cfg: TrainConfig, device: torch.device, world: int, packed: bool = True, forward=None,
+                        autocast: torch.dtype | None = None) -> str | None:
+    """None when the training step can be replayed as CUDA graphs; otherwise why not (one line). Without
+    `forward` only what the config and device decide is checked (before any work)."""
+    if not packed or str(cfg.packed).lower() == "false":
         return "needs packed training"
     if device.type != "cuda":
         return f"needs a CUDA device, not {device.type}"
@@ -354,12 +354,15 @@ def _graphs_unsupported(cfg: TrainConfig, packed: bool, device: torch.device, wo
         return "needs grad_accum 1"
     if cfg.dropout > 0:
         return "needs dropout 0"
+    if forward is None:
+        return None
     inner = getattr(forward, "_orig_mod", forward)
     if autocast is None or inner._attention_kind(torch.empty(1, device=device, dtype=autocast)) != "varlen":
         return "needs flash attention over packed texts (BERT-style student, bf16/fp16)"
     return None
 
 
+# -- checkpoints -------------------------------------------------------------------------------------------
 def _checkpoints(out: Path) -> list[Path]:
     root = out / "checkpoints"
     if not root.is_dir():
@@ -481,9 +484,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
     world, is_main = dist_.world_size(), dist_.is_main()
     if not is_main:
         log = lambda *a, **k: None  # noqa: E731
+    device = pick_device(cfg.device)
+    if str(cfg.cuda_graphs).lower() == "true":  # fail before any work (the student-dependent check comes later)
+        why_not = _graphs_unsupported(cfg, device, world)
+        if why_not is not None:
+            raise LeafkdError(f"--cuda-graphs true: {why_not}")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     data = prepare_data(cfg, out, log)
     teacher_dim = data.teacher.shape[1]
@@ -593,7 +600,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     graphed, graph_shapes = None, {}
     graphs_mode = str(cfg.cuda_graphs).lower()
     if graphs_mode != "false":
-        why_not = _graphs_unsupported(cfg, packed, device, world, forward if packed else None, autocast)
+        why_not = _graphs_unsupported(cfg, device, world, packed, forward if packed else None, autocast)
         if why_not is None:
             width = fixed_width(lengths[data.train_idx])
             graph_shapes = {"bucket": bucket_tokens(float(lengths[data.train_idx].mean()) * cfg.batch_size, width),

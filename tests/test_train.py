@@ -135,8 +135,9 @@ def test_bad_options_are_one_line_errors(tmp_path, texts_file, minilm_path):
         train(load_config(None, **_args(texts_file, minilm_path, tmp_path / "bad", cuda_graphs="maybe")))
     if not torch.cuda.is_available():
         with pytest.raises(LeafkdError, match="cuda-graphs true: needs a CUDA device"):
-            train(load_config(None, **_args(texts_file, minilm_path, tmp_path / "bad", cuda_graphs="true", device="cpu",
-                                            packed="true")), log=lambda *a: None)
+            train(load_config(None, **_args(texts_file, minilm_path, tmp_path / "graphs", cuda_graphs="true",
+                                            device="cpu", packed="true")), log=lambda *a: None)
+        assert not (tmp_path / "graphs").exists()  # refused before any work
     with pytest.raises(LeafkdError, match="unknown option"):
         load_config(None, bogus=1)
     (tmp_path / "c.toml").write_text("lr = [\n")
