@@ -4,7 +4,9 @@
     python eval/flagship.py --stage train --runs leaf    # only the LEAF-loss run
     python eval/flagship.py --stage eval
     python eval/flagship.py --runs adapted               # + the retrieval corpora's documents (see below)
-    python eval/flagship.py --runs adapted-w3-len384     # the corpus-adapted recipe (corpora 3x, 384-token student)
+    python eval/flagship.py --runs adapted-w3-len384-crops4   # the corpus-adapted recipe (corpora 3x, 384-token
+                                                              # student, 4 query-sized spans per document)
+    python eval/flagship.py --runs adapted-w3-len384-crops4 --set seed=1   # the same with another seed
 
 Each run is `examples/flagship.toml` with its loss weights overridden; all share one teacher-vector store.
 Evaluation is `leafkd eval` (fast engine where mteb is absent) on SciFact, Cranfield, NPL, STS-B and SICK-R, for
@@ -48,36 +50,62 @@ RUNS = {
                           "adapt_weight": 3, "max_seq_length": 384},
     "adapted-w5-len384": {"leaf_l2": 1.0, "adapt": ["beir/scifact", "classic/cranfield", "classic/npl"],
                           "adapt_weight": 5, "max_seq_length": 384},
+    # + query-sized random spans of the documents (4-32 words, K per document, drawn once with a fixed seed):
+    # new short texts from the target domain instead of more visits to the same ones.
+    "adapted-w3-len384-crops4": {"leaf_l2": 1.0, "adapt": ["beir/scifact", "classic/cranfield", "classic/npl"],
+                                 "adapt_weight": 3, "adapt_crops": 4, "max_seq_length": 384},
 }
 
 
-def corpus_pieces(data_dir: Path, folders: list[str], out: Path) -> list[str]:
-    """Data sources for the documents of `folders`: each BEIR folder whole, plus a text file of its documents
-    cut into sentences (at '. ', '? ', '! ') or, for unpunctuated text, 20-word windows; pieces of 4+ words."""
-    import re
-
+def corpus_pieces(data_dir: Path, folders: list[str], out: Path, crops: int = 0) -> tuple[list[str], list[str]]:
+    """Data sources for the documents of `folders`: each BEIR folder whole, plus a text file of its documents cut
+    into sentence pieces (leafkd.adapt.split_pieces); with `crops` > 0, also a file of that many random 4-32-word
+    spans per document (leafkd.adapt.random_spans; second list returned). `leafkd adapt-text` does the same for
+    any corpus; the order and seeds here are the ones of the recorded runs."""
+    from leafkd.adapt import random_spans, split_pieces
     from leafkd.atomic import write_text
-    from leafkd.data import read_beir
+    from leafkd.data import join_title, read_beir
 
-    sources = []
+    sources, crop_sources = [], []
     for folder in folders:
         rs = read_beir(data_dir / folder)
         pieces: dict[str, None] = {}
         for doc in rs.corpus.values():
             for part in (doc["title"], doc["text"]):
-                sentences = re.split(r"(?<=[.?!])\s+", part.strip())
-                if len(sentences) == 1 and len(part.split()) > 40:  # no punctuation (NPL): fixed windows
-                    words = part.split()
-                    sentences = [" ".join(words[i : i + 20]) for i in range(0, len(words), 20)]
-                for sentence in sentences:
-                    if len(sentence.split()) >= 4:
-                        pieces[sentence.strip()] = None
+                pieces.update(dict.fromkeys(split_pieces(part)))
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{folder.replace('/', '-')}-sentences.txt"
         write_text(path, "\n".join(pieces) + "\n")
         print(f"{folder}: {len(rs.corpus)} documents, {len(pieces)} sentence pieces -> {path}", flush=True)
         sources += [str(data_dir / folder), str(path)]
-    return sources
+        if crops:
+            docs = [join_title(d["title"], d["text"]) for _, d in sorted(rs.corpus.items())]
+            spans = random_spans(docs, crops, seed=f"{folder}:crops")
+            crop_path = out / f"{folder.replace('/', '-')}-crops{crops}.txt"
+            write_text(crop_path, "\n".join(spans) + "\n")
+            print(f"{folder}: {len(spans)} random spans -> {crop_path}", flush=True)
+            crop_sources.append(str(crop_path))
+    return sources, crop_sources
+
+
+def run_name(name: str, args) -> str:
+    """Folder name of a run: the run's name, plus each --set override (`adapted-w3-len384-seed1`)."""
+    suffix = "".join(f"-{k}{v}" for k, v in args.set.items())
+    return f"{name}{suffix}".replace("+", "-")
+
+
+def parse_set(item: str) -> dict:
+    """KEY=VALUE with a TOML value (`seed=1`, `lr=2e-3`, `loss="x"`); a bare word is a string."""
+    import tomllib
+
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"--set {item!r}: expected KEY=VALUE")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return {key.strip(): parsed}
 
 
 def run_config(name: str, args) -> dict:
@@ -86,16 +114,19 @@ def run_config(name: str, args) -> dict:
     base = tomllib.loads((REPO / args.config).read_text())["train"]
     data_dir = str(Path(args.data_dir).resolve())
     base["data"] = [d.replace("../shared/data", data_dir) for d in base["data"]]
-    run = dict(RUNS[name])
+    run = {**RUNS[name], **args.set}
     adapt = run.pop("adapt", None)
     adapt_weight = run.pop("adapt_weight", 1)
+    crops = run.pop("adapt_crops", 0)
     if adapt:
-        sources = corpus_pieces(Path(data_dir), adapt, Path(args.runs_dir) / "corpus-pieces")
+        sources, crop_sources = corpus_pieces(Path(data_dir), adapt, Path(args.runs_dir) / "corpus-pieces", crops)
         base["data"] = base["data"] + [f"{s}*{adapt_weight}" if adapt_weight != 1 else s for s in sources]
+        base["data"] += crop_sources  # visited once per epoch: they add variety, not repetition
     base.update(run)
-    base["output"] = str(Path(args.runs_dir) / f"flagship-{name.replace('+', '-')}")
+    base["output"] = str(Path(args.runs_dir) / f"flagship-{run_name(name, args)}")
     # One store per data mix (the store holds the teacher vectors of exactly the texts it was built from).
-    base["vectors"] = str(Path(args.runs_dir) / ("flagship-vectors-adapted" if adapt else "flagship-vectors"))
+    mix = ("adapted" + (f"-crops{crops}" if crops else "")) if adapt else ""
+    base["vectors"] = str(Path(args.runs_dir) / ("flagship-vectors" + (f"-{mix}" if mix else "")))
     if args.epochs is not None:
         base["epochs"] = args.epochs
     if args.teacher:
@@ -114,8 +145,8 @@ def stage_train(args) -> dict:
         cfg = load_config(None, **run_config(name, args))
         t = time.perf_counter()
         result = train(cfg, log=lambda m: print(f"[{name}] {m}", flush=True))
-        timings[name] = {"seconds": time.perf_counter() - t, **result}
-        print(f"[{name}] done in {timings[name]['seconds']:.0f} s: {json.dumps(result['final'])}", flush=True)
+        timings[run_name(name, args)] = {"seconds": time.perf_counter() - t, **result}
+        print(f"[{name}] done in {time.perf_counter() - t:.0f} s: {json.dumps(result['final'])}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prev = json.loads((out / "train_summary.json").read_text()) if (out / "train_summary.json").exists() else {}
@@ -128,9 +159,9 @@ def stage_eval(args) -> None:
     out = Path(args.out)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for i, name in enumerate(args.runs):
-        model = Path(args.runs_dir) / f"flagship-{name.replace('+', '-')}" / "model"
+        model = Path(args.runs_dir) / f"flagship-{run_name(name, args)}" / "model"
         cmd = [sys.executable, "-m", "leafkd", "eval", "--student", str(model), "--data-dir", args.data_dir,
-               "--out", str(out / f"eval-{name.replace('+', '-')}"), "--engine", args.engine]
+               "--out", str(out / f"eval-{run_name(name, args)}"), "--engine", args.engine]
         if args.teacher:
             cmd += ["--teacher", args.teacher]
         # The first run's table carries the teacher, base and ridge rows; the others add their own student rows.
@@ -154,7 +185,10 @@ def main() -> None:
     p.add_argument("--teacher", default=None, help="override the teacher folder")
     p.add_argument("--student", default=None, help="override the student base folder")
     p.add_argument("--engine", default="fast")
+    p.add_argument("--set", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training option in every run (repeatable; e.g. seed=1); named in the run folders")
     args = p.parse_args()
+    args.set = {k: v for item in args.set for k, v in item.items()}
     unknown = [r for r in args.runs if r not in RUNS]
     if unknown:
         sys.exit(f"error: unknown run(s) {', '.join(unknown)} (known: {', '.join(RUNS)})")

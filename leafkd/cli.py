@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 from leafkd.errors import LeafkdError
 
 # Subcommand modules under leafkd.commands, each with register(subparsers).
-COMMANDS = ["models", "capture", "train", "index", "serve", "eval", "bench", "demo", "export"]
+COMMANDS = ["models", "capture", "adapt", "train", "index", "serve", "eval", "bench", "demo", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

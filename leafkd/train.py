@@ -778,6 +778,15 @@ def train(cfg: TrainConfig, log=print) -> dict:
             + (f"; off after a failed capture: {graph_stats['disabled']}" if graph_stats["disabled"] else ""))
         graphed = None  # frees the graphs' memory pool before the final evaluation
     final = run_eval()
+    # The same metrics on as many training texts (a seeded sample): a gap to the held-out numbers is overfitting;
+    # both low is what the student cannot fit at all (capacity), which more data or steps will not fix.
+    fit_n = min(len(data.heldout_idx), len(data.train_idx))
+    fit_idx = np.sort(np.random.default_rng(cfg.seed).choice(data.train_idx, fit_n, replace=False))
+    student.eval()
+    fit = evaluate_student(student, tokens.take(fit_idx), data.teacher[fit_idx], device)
+    train_fit = {"cos_mean": fit["heldout_cos_mean"], "cos_p5": fit["heldout_cos_p5"], "texts": len(fit_idx)}
+    metrics.write({"type": "train_fit", "step": step, **train_fit})
+    log(f"training texts ({len(fit_idx)} sampled): cos {train_fit['cos_mean']:.4f} (p5 {train_fit['cos_p5']:.4f})")
     baseline = next((r for r in metrics.records if r.get("type") == "baseline"), None)
     model_dir = out / "model"
     info = {
@@ -796,7 +805,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         "heldout": len(data.heldout_idx),
         "steps": step,
         "config": asdict(cfg),
-        "metrics": {"final": final, "ridge_baseline": {k: baseline[k] for k in final} if baseline else None},
+        "metrics": {"final": final, "ridge_baseline": {k: baseline[k] for k in final} if baseline else None,
+                    "train_fit": train_fit},
         "selection": selector.summary_for_model() if selector is not None else None,
     }
     if is_main:
@@ -811,4 +821,4 @@ def train(cfg: TrainConfig, log=print) -> dict:
         plot_curves(metrics.records, out / "curves.png")
     dist_.barrier()  # the others return once rank 0 has written the model
     return {"model": str(model_dir), "final": final, "ridge_baseline": info["metrics"]["ridge_baseline"], "steps": step,
-            "cuda_graphs": graph_stats}
+            "train_fit": train_fit, "cuda_graphs": graph_stats}
