@@ -175,13 +175,15 @@ def test_two_rank_step_equals_single_step(train_runs):
     diff = max(float((a["model"][k].float() - b["model"][k].float()).abs().max()) for k in a["model"])
     assert diff <= 1e-6, diff
     records = [json.loads(l) for l in (train_runs[2] / "metrics.jsonl").read_text().splitlines()]
-    assert [r["type"] for r in records] == ["eval", "baseline", "train", "eval"]
+    assert [r["type"] for r in records] == ["eval", "baseline", "train", "eval", "train_fit"]
     single = [json.loads(l) for l in (train_runs[1] / "metrics.jsonl").read_text().splitlines()]
     assert records[2]["loss"] == pytest.approx(single[2]["loss"], rel=1e-5)
     assert records[2]["samples_per_s"] > 0
     assert records[0]["heldout_cos_mean"] == pytest.approx(single[0]["heldout_cos_mean"], abs=1e-5)
     assert (train_runs[2] / "model" / "leafkd.json").exists()
     assert records[3]["heldout_cos_mean"] != records[0]["heldout_cos_mean"]  # the step did something
+    # The training-text fit, gathered over both ranks, equals the single process's.
+    assert records[4]["cos_mean"] == pytest.approx(single[4]["cos_mean"], abs=1e-5)
 
 
 def test_two_rank_checkpoint_resumes_in_one_process(train_runs, texts_file, stores, minilm_path):
