@@ -62,17 +62,14 @@ def corpus_pieces(data_dir: Path, folders: list[str], out: Path, crops: int = 0)
     into sentence pieces (leafkd.adapt.split_pieces); with `crops` > 0, also a file of that many random 4-32-word
     spans per document (leafkd.adapt.random_spans; second list returned). `leafkd adapt-text` does the same for
     any corpus; the order and seeds here are the ones of the recorded runs."""
-    from leafkd.adapt import random_spans, split_pieces
+    from leafkd.adapt import adaptation_text, random_spans
     from leafkd.atomic import write_text
     from leafkd.data import join_title, read_beir
 
     sources, crop_sources = [], []
     for folder in folders:
         rs = read_beir(data_dir / folder)
-        pieces: dict[str, None] = {}
-        for doc in rs.corpus.values():
-            for part in (doc["title"], doc["text"]):
-                pieces.update(dict.fromkeys(split_pieces(part)))
+        pieces, _ = adaptation_text(data_dir / folder, spans=0)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{folder.replace('/', '-')}-sentences.txt"
         write_text(path, "\n".join(pieces) + "\n")

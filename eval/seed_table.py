@@ -34,8 +34,7 @@ def run_row(path: Path) -> dict:
     teacher_all = 100 * sum(rows["teacher"].values()) / len(rows["teacher"])
     return {"recipe": name[: seed.start()] if seed else name, "seed": int(seed.group(1)) if seed else 0,
             "asym": asym, "asym_avg": sum(asym) / 3, "asym_pct": sum(asym) / 3 / teacher_ret,
-            "student_all": student_all, "student_pct": 100 * student_all / teacher_all,
-            "base_all": 100 * sum(rows["base"].values()) / len(rows["base"]) if "base" in rows else None}
+            "student_all": student_all, "student_pct": 100 * student_all / teacher_all}
 
 
 def main() -> None:

@@ -53,7 +53,22 @@ def test_adapt_text_errors_are_one_line(tmp_path, data_dir, capsys):
     assert main(["adapt-text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
     assert main(["adapt-text", str(tmp_path), "--out", str(tmp_path / "o")]) == 2  # a folder without corpus.jsonl
     assert main(["adapt-text", str(data_dir / "classic" / "npl"), "--out", str(tmp_path / "o"), "--spans", "-1"]) == 2
+    # A good source before a bad one: nothing is written for either.
+    assert main(["adapt-text", str(data_dir / "classic" / "cranfield"), str(tmp_path / "missing.txt"),
+                 "--out", str(tmp_path / "o")]) == 2
+    (tmp_path / "file").write_text("x")
+    assert main(["adapt-text", str(data_dir / "classic" / "cranfield"), "--out", str(tmp_path / "file")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
-    assert "missing.txt" in err[0] and "corpus.jsonl" in err[1] and "--spans" in err[2]
+    assert len(err) == 5 and all(line.startswith("error: ") for line in err)
+    assert "missing.txt" in err[0] and "corpus.jsonl" in err[1] and "--spans" in err[2] and "missing.txt" in err[3]
+    assert "not a folder" in err[4] and (tmp_path / "file").read_text() == "x"
     assert not (tmp_path / "o").exists()
+
+
+def test_adapt_text_source_weight_and_column_are_parsed(tmp_path, capsys):
+    table = tmp_path / "docs.tsv"
+    table.write_text("id\tbody\n1\tThe wing stalls at high angles of attack. Lift then drops sharply.\n")
+    assert main(["adapt-text", f"{table}#body*2", "--out", str(tmp_path / "o"), "--spans", "1"]) == 0
+    assert (tmp_path / "o" / "docs-pieces.txt").read_text() == (
+        "The wing stalls at high angles of attack.\nLift then drops sharply.\n")
+    assert f"--data '{table}#body*3'" in capsys.readouterr().out  # the given weight replaced by --weight

@@ -9,21 +9,31 @@ from pathlib import Path
 def _run(args: argparse.Namespace) -> int:
     from leafkd.adapt import adaptation_text
     from leafkd.atomic import write_text
+    from leafkd.data import Source
     from leafkd.errors import LeafkdError
 
     if args.spans < 0:
         raise LeafkdError(f"--spans {args.spans}: must be >= 0")
-    names = [Path(s).name if Path(s).is_dir() else Path(s.split("#")[0]).stem for s in args.source]
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise LeafkdError(f"--out {out}: exists and is not a folder")
+    # A source may carry a column and a weight (PATH[#COLUMN][*WEIGHT]); the weight is replaced by --weight.
+    sources = [Source.parse(s) for s in args.source]
+    plain = [f"{s.path}#{s.column}" if s.column else str(s.path) for s in sources]
+    names = [s.path.name if s.path.is_dir() else s.path.stem for s in sources]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise LeafkdError(f"two sources named {dupes[0]!r}: their output files would collide; adapt them separately")
-    out = Path(args.out)
-    data = []
-    for source, name in zip(args.source, names):
+    # Every source is read and cut before anything is written: a bad one leaves no output of the others.
+    results = []
+    for source, name in zip(plain, names):
         pieces, spans = adaptation_text(source, args.spans, seed=f"{args.seed}:{name}")
         if not pieces and not spans:
             raise LeafkdError(f"{source}: no piece of 4+ words in any document")
-        out.mkdir(parents=True, exist_ok=True)
+        results.append((source, name, pieces, spans))
+    out.mkdir(parents=True, exist_ok=True)
+    data = []
+    for source, name, pieces, spans in results:
         pieces_path, spans_path = out / f"{name}-pieces.txt", out / f"{name}-spans.txt"
         write_text(pieces_path, "".join(f"{p}\n" for p in pieces))
         data += [f"--data '{source}*{args.weight}'", f"--data '{pieces_path}*{args.weight}'"]
