@@ -7,6 +7,7 @@
     python eval/flagship.py --runs adapted-w3-len384-crops4   # the corpus-adapted recipe (corpora 3x, 384-token
                                                               # student, 4 query-sized spans per document)
     python eval/flagship.py --runs adapted-w3-len384-crops4 --set seed=1   # the same with another seed
+    python eval/flagship.py --runs leaf-pkgdocs-more     # generic recipe + Debian's scientific package documentation
 
 Each run is `examples/flagship.toml` with its loss weights overridden; all share one teacher-vector store.
 Evaluation is `leafkd eval` (fast engine where mteb is absent) on SciFact, Cranfield, NPL, STS-B and SICK-R, for
@@ -54,6 +55,13 @@ RUNS = {
     # new short texts from the target domain instead of more visits to the same ones.
     "adapted-w3-len384-crops4": {"leaf_l2": 1.0, "adapt": ["beir/scifact", "classic/cranfield", "classic/npl"],
                                  "adapt_weight": 3, "adapt_crops": 4, "max_seq_length": 384},
+    # + prose paragraphs of Debian's documentation of scientific Python packages (eval/package_text.py): passage-
+    # like text from the package indexes, the issue's suggestion for the generic recipe.
+    "leaf-pkgdocs": {"leaf_l2": 1.0, "package_text": True},
+    # the same with 18 more documentation packages (161,578 paragraphs instead of 85,799)
+    "leaf-pkgdocs-more": {"leaf_l2": 1.0, "package_text": "more"},
+    # the paragraphs and their sentences (leafkd.adapt.split_pieces): query-sized text of the same kind
+    "leaf-pkgdocs-pieces": {"leaf_l2": 1.0, "package_text": True, "package_pieces": True},
 }
 
 
@@ -83,6 +91,17 @@ def corpus_pieces(data_dir: Path, folders: list[str], out: Path, crops: int = 0)
             print(f"{folder}: {len(spans)} random spans -> {crop_path}", flush=True)
             crop_sources.append(str(crop_path))
     return sources, crop_sources
+
+
+def package_text_file(folder: str, more: bool) -> Path:
+    """eval/package_text.py's paragraphs file in `folder`, built (download from Debian) when it is not there."""
+    path = Path(folder) / ("package-docs-more.txt" if more else "package-docs.txt")
+    if not path.is_file():
+        from package_text import build
+
+        print(f"{path} not found: building it from Debian's documentation packages", flush=True)
+        build(Path(folder), "http://deb.debian.org/debian", more)
+    return path.resolve()
 
 
 def run_name(name: str, args) -> str:
@@ -115,6 +134,20 @@ def run_config(name: str, args) -> dict:
     adapt = run.pop("adapt", None)
     adapt_weight = run.pop("adapt_weight", 1)
     crops = run.pop("adapt_crops", 0)
+    package_text = run.pop("package_text", False)
+    package_pieces = run.pop("package_pieces", False)
+    if package_text:
+        text_file = package_text_file(args.package_text_dir, more=package_text == "more")
+        base["data"] = base["data"] + [str(text_file)]
+        if package_pieces:
+            from leafkd.adapt import adaptation_text
+            from leafkd.atomic import write_text
+
+            pieces, _ = adaptation_text(text_file, spans=0)
+            pieces_file = Path(args.runs_dir) / "package-pieces" / f"{text_file.stem}-sentences.txt"
+            write_text(pieces_file, "\n".join(pieces) + "\n")
+            print(f"{text_file.name}: {len(pieces)} sentence pieces -> {pieces_file}", flush=True)
+            base["data"].append(str(pieces_file))
     if adapt:
         sources, crop_sources = corpus_pieces(Path(data_dir), adapt, Path(args.runs_dir) / "corpus-pieces", crops)
         base["data"] = base["data"] + [f"{s}*{adapt_weight}" if adapt_weight != 1 else s for s in sources]
@@ -123,6 +156,9 @@ def run_config(name: str, args) -> dict:
     base["output"] = str(Path(args.runs_dir) / f"flagship-{run_name(name, args)}")
     # One store per data mix (the store holds the teacher vectors of exactly the texts it was built from).
     mix = ("adapted" + (f"-crops{crops}" if crops else "")) if adapt else ""
+    pkg = (("pkgdocs-more" if package_text == "more" else "pkgdocs") + ("-pieces" if package_pieces else "")
+           if package_text else "")
+    mix = "-".join(m for m in (mix, pkg) if m)
     base["vectors"] = str(Path(args.runs_dir) / ("flagship-vectors" + (f"-{mix}" if mix else "")))
     if args.epochs is not None:
         base["epochs"] = args.epochs
@@ -182,6 +218,8 @@ def main() -> None:
     p.add_argument("--teacher", default=None, help="override the teacher folder")
     p.add_argument("--student", default=None, help="override the student base folder")
     p.add_argument("--engine", default="fast")
+    p.add_argument("--package-text-dir", default="runs/package-text",
+                   help="folder of eval/package_text.py's paragraph files (built there when missing)")
     p.add_argument("--set", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
                    help="override a training option in every run (repeatable; e.g. seed=1); named in the run folders")
     args = p.parse_args()

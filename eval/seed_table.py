@@ -4,7 +4,8 @@
 
 Reads every `eval-*/results.json` under the given folders (written by `leafkd eval` through eval/flagship.py).
 A run's recipe is its folder name without a trailing `-seedN` (seed 0 has no suffix). Percentages are of the
-teacher row of the same results file: asymmetric over the retrieval tasks, student alone over all tasks.
+teacher row of the same results file (or, for a run evaluated without one, the teacher row that the other runs
+of its folder share): asymmetric over the retrieval tasks, student alone over all tasks.
 """
 
 from __future__ import annotations
@@ -19,10 +20,21 @@ from pathlib import Path
 RETRIEVAL = ("SciFact", "Cranfield", "NPL")
 
 
+def folder_teacher(folder: Path) -> dict | None:
+    """The teacher row of the runs in `folder`, when they carry one and all agree on it."""
+    found = [r["scores"] for f in sorted(folder.glob("eval-*/results.json"))
+             for r in json.loads(f.read_text())["rows"] if r["mode"] == "teacher"]
+    if found and all(t == found[0] for t in found):
+        return found[0]
+    return None
+
+
 def run_row(path: Path) -> dict:
     """The numbers of one evaluated run (nDCG@10 and Spearman as x100)."""
     result = json.loads(path.read_text())
     rows = {r["mode"]: r["scores"] for r in result["rows"]}
+    if "teacher" not in rows and (shared := folder_teacher(path.parent.parent)) is not None:
+        rows["teacher"] = shared  # evaluated after the first run of its call, which carries the teacher row
     missing = {"teacher", "student", "asymmetric"} - rows.keys()
     if missing:
         raise SystemExit(f"error: {path}: no {', '.join(sorted(missing))} row (evaluate with --modes teacher,student,asymmetric)")
@@ -58,8 +70,9 @@ def main() -> None:
 
         def spread(key: str) -> str:
             xs = [r[key] for r in group]
-            sd = statistics.stdev(xs) if len(xs) > 1 else float("nan")
-            return f"{statistics.mean(xs):.2f}% ± {sd:.2f} ({min(xs):.2f}-{max(xs):.2f})"
+            if len(xs) == 1:
+                return f"{xs[0]:.2f}% (one seed)"
+            return f"{statistics.mean(xs):.2f}% ± {statistics.stdev(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
 
         print(f"| `{recipe}` | {len(group)} | {spread('asym_pct')} | {spread('student_pct')} |")
 
