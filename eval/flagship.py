@@ -7,7 +7,7 @@
     python eval/flagship.py --runs adapted-w3-len384-crops4   # the corpus-adapted recipe (corpora 3x, 384-token
                                                               # student, 4 query-sized spans per document)
     python eval/flagship.py --runs adapted-w3-len384-crops4 --set seed=1   # the same with another seed
-    python eval/flagship.py --runs leaf-pkgdocs-more     # generic recipe + Debian's scientific package documentation
+    python eval/flagship.py --runs leaf-pkgdocs          # the generic recipe + Debian's scientific package docs
 
 Each run is `examples/flagship.toml` with its loss weights overridden; all share one teacher-vector store.
 Evaluation is `leafkd eval` (fast engine where mteb is absent) on SciFact, Cranfield, NPL, STS-B and SICK-R, for

@@ -156,9 +156,15 @@ def deb_data_tar(deb: bytes) -> tarfile.TarFile:
     while pos + 60 <= len(deb):
         header = deb[pos : pos + 60]
         name = header[:16].decode("ascii", "replace").strip().rstrip("/")
-        size = int(header[48:58].decode("ascii").strip())
+        try:
+            size = int(header[48:58].decode("ascii").strip())
+        except ValueError:
+            raise LeafkdError("malformed .deb (bad ar member header)") from None
         if name.startswith("data.tar"):
-            return tarfile.open(fileobj=io.BytesIO(deb[pos + 60 : pos + 60 + size]), mode="r:*")
+            try:
+                return tarfile.open(fileobj=io.BytesIO(deb[pos + 60 : pos + 60 + size]), mode="r:*")
+            except tarfile.ReadError:  # e.g. data.tar.zst, which Python 3.11's tarfile cannot read
+                raise LeafkdError(f"cannot read the .deb's {name} (gzip, bzip2 and xz are supported)") from None
         pos += 60 + size + (size % 2)
     raise LeafkdError("the .deb has no data.tar member")
 

@@ -45,11 +45,11 @@ def _tar_xz(files: dict[str, str]) -> bytes:
     return buf.getvalue()
 
 
-def _deb(files: dict[str, str]) -> bytes:
+def _deb(files: dict[str, str], data_member: tuple[str, bytes] | None = None) -> bytes:
     """A .deb as dpkg-deb writes it: an ar archive of debian-binary, control.tar.xz and data.tar.xz."""
     out = b"!<arch>\n"
     for name, data in [("debian-binary", b"2.0\n"), ("control.tar.xz", _tar_xz({"./control": "Package: x\n"})),
-                       ("data.tar.xz", _tar_xz(files))]:
+                       data_member or ("data.tar.xz", _tar_xz(files))]:
         out += f"{name + '/':<16}{0:<12}{0:<6}{0:<6}{'100644':<8}{len(data):<10}`\n".encode() + data
         out += b"\n" if len(data) % 2 else b""
     return out
@@ -67,6 +67,11 @@ def test_prose_paragraphs_of_a_deb():
         first, "Call with the grid; the solver returns the velocity field on every node.", first]
     with pytest.raises(LeafkdError, match="not a .deb"):
         pt.deb_paragraphs(b"PK\x03\x04 a zip file")
+    zst = _deb({}, ("data.tar.zst", b"\x28\xb5\x2f\xfd" + bytes(64)))  # newer Debian releases use zstd
+    with pytest.raises(LeafkdError, match="cannot read the .deb's data.tar.zst"):
+        pt.deb_paragraphs(zst)
+    with pytest.raises(LeafkdError, match="malformed .deb"):
+        pt.deb_paragraphs(deb[:8] + deb[8:56] + b"not-a-size" + deb[66:])
 
 
 def test_build_checks_the_pinned_checksum_and_writes_atomically(tmp_path, monkeypatch, capsys):
