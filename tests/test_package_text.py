@@ -102,3 +102,4 @@ def test_build_checks_the_pinned_checksum_and_writes_atomically(tmp_path, monkey
     with pytest.raises(SystemExit) as exit_info:
         pt.main()
     assert str(exit_info.value.code).startswith("error: cannot download file://")
+
