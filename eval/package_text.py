@@ -101,6 +101,11 @@ MORE_PACKAGES = [
      "2c615dd386993a440b80fd4e9060318386e31fbe47f5be65f295f5fb34002c5c"),
 ]
 
+# Debian's archive of every past state of the pool, for when the live mirror drops a pinned version after a point
+# release (its documented layout: a timestamp, then the pool paths; not reachable from the network this was built
+# on, so untested here).
+SNAPSHOT = "https://snapshot.debian.org/archive/debian/20261122T000000Z"
+
 # Generated pages that hold no prose of their own (highlighted source, indexes, search).
 _SKIP_PAGE = re.compile(r"/(_modules|_sources)/|/(genindex|py-modindex|search)\.html$")
 _SKIP_TAGS = {"pre", "code", "script", "style"}
@@ -181,23 +186,24 @@ def deb_paragraphs(deb: bytes) -> list[str]:
 
 
 def fetch(pool_path: str, sha256: str, mirror: str, cache: Path) -> bytes:
-    """The .deb's bytes, from the cache or the mirror, checked against its pinned SHA-256."""
+    """The .deb's bytes, from the cache or the mirror, checked against its pinned SHA-256 (a cached copy that
+    does not match is fetched again)."""
     path = cache / Path(pool_path).name
     if path.exists():
         data = path.read_bytes()
-    else:
-        url = f"{mirror.rstrip('/')}/{pool_path}"
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r:
-                data = r.read()
-        except OSError as e:
-            raise LeafkdError(f"cannot download {url}: {e}") from None
+        if hashlib.sha256(data).hexdigest() == sha256:
+            return data
+    url = f"{mirror.rstrip('/')}/{pool_path}"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            data = r.read()
+    except OSError as e:  # a version dropped from the pool after a point release: 404
+        raise LeafkdError(f"cannot download {url}: {e} (an archived copy: --mirror {SNAPSHOT})") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
         raise LeafkdError(f"{Path(pool_path).name}: SHA-256 {digest} is not the pinned {sha256} "
                           "(the archive changed; pin the new version in eval/package_text.py)")
-    if not path.exists():
-        write_bytes(path, data)
+    write_bytes(path, data)
     return data
 
 

@@ -85,7 +85,11 @@ def test_build_checks_the_pinned_checksum_and_writes_atomically(tmp_path, monkey
     assert target.read_text().splitlines() == [
         "The boundary layer thickens downstream as viscous effects spread away from the wall surface.",
         "Call with the grid; the solver returns the velocity field on every node."]
-    assert (tmp_path / "out" / "debs" / "x-doc_1_all.deb").read_bytes() == deb  # cached for the next build
+    cached = tmp_path / "out" / "debs" / "x-doc_1_all.deb"
+    assert cached.read_bytes() == deb  # cached for the next build
+    cached.write_bytes(deb[:100])  # a damaged cache entry is fetched again, not reported as a changed archive
+    assert pt.build(tmp_path / "out", mirror.as_uri()).read_text() == target.read_text()
+    assert cached.read_bytes() == deb
 
     # A changed archive: one line naming the file and both checksums, exit non-zero, no output written.
     monkeypatch.setattr(pt, "PACKAGES", [("pool/main/x/x-doc_1_all.deb", "0" * 64)])
@@ -101,5 +105,6 @@ def test_build_checks_the_pinned_checksum_and_writes_atomically(tmp_path, monkey
                                       "--mirror", (tmp_path / "nowhere").as_uri()])
     with pytest.raises(SystemExit) as exit_info:
         pt.main()
-    assert str(exit_info.value.code).startswith("error: cannot download file://")
+    message = str(exit_info.value.code)
+    assert message.startswith("error: cannot download file://") and "--mirror https://snapshot.debian.org" in message
 
