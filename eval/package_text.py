@@ -208,6 +208,8 @@ def fetch(pool_path: str, sha256: str, mirror: str, cache: Path) -> bytes:
 
 
 def build(out: Path, mirror: str, more: bool = False) -> Path:
+    if out.exists() and not out.is_dir():
+        raise LeafkdError(f"{out}: exists and is not a folder (the output folder)")
     paragraphs: dict[str, None] = {}
     for pool_path, sha256 in PACKAGES + (MORE_PACKAGES if more else []):
         found = deb_paragraphs(fetch(pool_path, sha256, mirror, out / "debs"))

@@ -13,7 +13,6 @@ thousand vectors generalises worse than one fitted on all, so the bound is, if a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -22,14 +21,18 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 
 def sample_texts(data_dir: Path, seed: int = 0) -> list[str]:
+    """A seeded sample of three of the flagship's sources, read as training reads them (leafkd.data)."""
+    from leafkd.data import read_texts
+
     rng = random.Random(seed)
     train = data_dir / "train"
-    wiki = [json.loads(line)["text"] for line in open(train / "wiki_paragraphs.jsonl")]
-    glosses = [line.split("\t")[2].strip() for line in open(train / "wordnet_glosses.tsv") if line.count("\t") >= 2]
-    questions = [line.split("\t")[0] for line in open(train / "questions.tsv")][1:]
+    wiki = read_texts(str(train / "wiki_paragraphs.jsonl"))
+    glosses = read_texts(str(train / "wordnet_glosses.tsv#3"))
+    questions = read_texts(str(train / "questions.tsv"))
     return rng.sample(wiki, 600) + rng.sample(glosses, 1200) + rng.sample(questions, 1200)
 
 
@@ -39,6 +42,10 @@ def main() -> None:
     p.add_argument("--data-dir", default=os.environ.get("LEAFKD_DATA", str(REPO.parent / "shared" / "data")))
     p.add_argument("--ranks", default="64,128,256,384,512")
     args = p.parse_args()
+    if not (Path(args.teacher) / "modules.json").is_file():
+        sys.exit(f"error: --teacher {args.teacher}: not a sentence-transformers model folder")
+    if not (Path(args.data_dir) / "train").is_dir():
+        sys.exit(f"error: --data-dir {args.data_dir}: no train/ folder in it")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 

@@ -100,6 +100,14 @@ def test_build_checks_the_pinned_checksum_and_writes_atomically(tmp_path, monkey
     assert message.startswith("error: x-doc_1_all.deb: SHA-256 ") and "0" * 64 in message and "\n" not in message
     assert not (tmp_path / "out2" / "package-docs.txt").exists()
 
+    # An --out that is a file: one line, the file untouched.
+    (tmp_path / "afile").write_text("keep")
+    monkeypatch.setattr(sys, "argv", ["package_text.py", "--out", str(tmp_path / "afile"), "--mirror", mirror.as_uri()])
+    with pytest.raises(SystemExit) as exit_info:
+        pt.main()
+    assert str(exit_info.value.code) == f"error: {tmp_path / 'afile'}: exists and is not a folder (the output folder)"
+    assert (tmp_path / "afile").read_text() == "keep"
+
     # An unreachable mirror: one line naming the URL.
     monkeypatch.setattr(sys, "argv", ["package_text.py", "--out", str(tmp_path / "out3"),
                                       "--mirror", (tmp_path / "nowhere").as_uri()])
