@@ -27,11 +27,13 @@ RECIPES = [
     ("corpus-adapted", "flagship_adapted", "adapted"),
     ("adapted, corpora 3x, 384 tokens", "flagship_seeds", "adapted-w3-len384"),
     ("+ 4 query-sized spans per doc", "flagship_seeds", "adapted-w3-len384-crops4"),
+    ("+ bank loss on the docs (w 300)", "flagship_bank", "adapted-bank300"),
 ]
 CURVES = [
     ("generic", "flagship_package_docs/train-leaf"),
     ("generic + package docs", "flagship_package_docs/train-leaf-pkgdocs"),
     ("corpus-adapted + spans", "flagship_seeds/train-adapted-w3-len384-crops4"),
+    ("+ bank loss (w 300)", "flagship_bank/train-adapted-bank300"),
 ]
 PROJECTION_BOUND = 0.9765  # eval/results/projection_bound.md, rank 384
 

@@ -7,6 +7,7 @@ Notation: s_i the student's vector of text i, t_i the teacher's, B the batch, D 
 - `CosineLoss`      direction only:               mean_i (1 - cos(s_i, t_i))
 - `LELPLoss`        subspace projections (LELP):  mean_i T^2 KL( softmax(P t_i / T) || softmax(P s_i / T) )
 - `RelationalLoss`  in-batch relations:           mean_i tau^2 KL( softmax(t_i . t_j / tau)_j || softmax(s_i . t_j / tau)_j )
+- `BankRelationalLoss` relations to a fixed bank:  mean_i tau^2 KL( softmax(t_i . k_j / tau)_j || softmax(s_i . k_j / tau)_j )
 - `CombinedLoss`    sum_k w_k L_k, reporting each part.
 
 Every loss is zero, with zero gradient, when the student equals the teacher.
@@ -147,6 +148,32 @@ class RelationalLoss(nn.Module):
         keys = teacher if keys is None else keys
         log_p_s = F.log_softmax(student @ keys.T / tau, dim=-1)
         log_p_t = F.log_softmax(teacher @ keys.T / tau, dim=-1)
+        return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * tau * tau
+
+
+class BankRelationalLoss(nn.Module):
+    """The student query i should rank a fixed bank of teacher vectors k_j as the teacher's vector of i does.
+
+    The bank is what the student will be compared against in asymmetric retrieval: the teacher vectors of the
+    index's documents (or a sample of the training texts' when no index is named). Unlike the in-batch
+    `RelationalLoss`, whose random batch makes the teacher's distribution almost one-hot on the text itself, the
+    bank holds each text's near neighbours, so the loss weighs the student's error by how it reorders them.
+    loss = tau^2 * mean_i KL(softmax(t_i K^T / tau) || softmax(s_i K^T / tau)). Teacher vectors only: no labels.
+    """
+
+    def __init__(self, bank: Tensor | np.ndarray, temperature: float = 0.05):
+        super().__init__()
+        bank = torch.as_tensor(np.asarray(bank, dtype=np.float32))
+        if bank.ndim != 2 or len(bank) < 2:
+            raise ValueError(f"a relational bank needs at least 2 vectors, got shape {tuple(bank.shape)}")
+        self.register_buffer("bank", bank.contiguous())
+        self.temperature = temperature
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        tau = self.temperature
+        bank = self.bank.to(student.dtype)
+        log_p_s = F.log_softmax(student @ bank.T / tau, dim=-1)
+        log_p_t = F.log_softmax(teacher @ bank.T / tau, dim=-1)
         return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * tau * tau
 
 

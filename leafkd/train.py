@@ -35,7 +35,7 @@ from leafkd.data import Corpus, load_corpus, text_hash
 from leafkd.encode import Tokenized, _prefetch, encode_tokens, pad_batch, tokenize
 from leafkd.errors import LeafkdError
 from leafkd.graphs import GraphedTrainStep, bucket_tokens, fixed_width
-from leafkd.losses import CombinedLoss, CosineLoss, LeafL2Loss, LELPHead, LELPLoss, MSELoss, RelationalLoss
+from leafkd.losses import BankRelationalLoss, CombinedLoss, CosineLoss, LeafL2Loss, LELPHead, LELPLoss, MSELoss, RelationalLoss
 from leafkd.models import resolve_model
 from leafkd.packed import PackedForward, pack, supported as packed_supported, unsupported_reason
 from leafkd.store import VectorStore
@@ -84,6 +84,12 @@ class TrainConfig:
     lelp_temperature: float = _opt(0.05, "LELP softmax temperature")
     relational: float = _opt(0.0, "weight of the in-batch relational KL loss")
     relational_temperature: float = _opt(0.05, "relational softmax temperature")
+    bank: float = _opt(0.0, "weight of the relational KL loss against a fixed bank of teacher vectors: the student "
+                       "should rank the bank as the teacher does (for asymmetric retrieval, the index's documents)")
+    bank_data: list[str] = _opt([], "sources (as --data, repeatable) whose texts' teacher vectors form the bank; each "
+                                "text must be training data too (default: a sample of the training texts)")
+    bank_size: int = _opt(65536, "bank without --bank-data: a seeded sample of this many training texts")
+    bank_temperature: float = _opt(0.05, "bank relational softmax temperature")
     ridge_alpha: float = _opt(1e-2, "relative ridge penalty of the projection warm start")
     ridge_samples: int = _opt(20000, "texts used to fit the ridge warm start")
     select: str = _opt("none", "teacher-guided data selection: none, subset (train on a chosen subset) or reweight "
@@ -127,11 +133,17 @@ class TrainConfig:
                  "select_max_weight", "select_clusters", "select_refresh_every", "select_score_texts",
                  "dedup_threshold", "drop_degenerate")
 
+    # Bank loss options enter the key only when the loss is on (keys of runs from before it existed are unchanged).
+    BANK = ("bank", "bank_data", "bank_size", "bank_temperature")
+
     def result_key(self) -> str:
         d = {k: v for k, v in asdict(self).items() if k not in self.RESUME_FREE}
         defaults = {f.name: f.default for f in fields(self) if f.name in self.SELECTION}
         for k in self.SELECTION:
             if d[k] == defaults[k] or (self.select == "none" and k != "drop_degenerate"):
+                del d[k]
+        if self.bank == 0:
+            for k in self.BANK:
                 del d[k]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -176,7 +188,7 @@ def validate(cfg: TrainConfig) -> None:
         raise LeafkdError(f"projection must be auto, always or none, not {cfg.projection!r}")
     if str(cfg.normalize).lower() not in ("auto", "true", "false"):
         raise LeafkdError(f"normalize must be auto, true or false, not {cfg.normalize!r}")
-    weights = [cfg.leaf_l2, cfg.mse, cfg.cosine, cfg.lelp, cfg.relational]
+    weights = [cfg.leaf_l2, cfg.mse, cfg.cosine, cfg.lelp, cfg.relational, cfg.bank]
     if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
         raise LeafkdError("loss weights must be >= 0 with at least one > 0")
     from leafkd.selection import SELECT_MODES
@@ -195,6 +207,10 @@ def validate(cfg: TrainConfig) -> None:
         raise LeafkdError(f"cuda_graphs must be auto, true or false, not {cfg.cuda_graphs!r}")
     if str(cfg.packed).lower() not in ("auto", "true", "false"):
         raise LeafkdError(f"packed must be auto, true or false, not {cfg.packed!r}")
+    if cfg.bank > 0 and (cfg.bank_size < 2 or cfg.bank_temperature <= 0):
+        raise LeafkdError("bank_size must be >= 2 and bank_temperature > 0")
+    if cfg.bank_data and cfg.bank == 0:
+        raise LeafkdError("--bank-data is set but the bank loss is off: give it a weight with --bank")
     if not 0 < cfg.dedup_threshold <= 1:
         raise LeafkdError("dedup_threshold must be in (0, 1] (1: no dedup)")
 
@@ -297,7 +313,27 @@ def _set_dropout(model: torch.nn.Module, p: float) -> None:
             m.p = p
 
 
-def make_loss(cfg: TrainConfig, teacher_sample: np.ndarray) -> CombinedLoss:
+def bank_rows(cfg: TrainConfig, data: TrainData) -> np.ndarray:
+    """Rows of `data` whose teacher vectors form the bank: the texts of --bank-data, or a seeded sample of the
+    training texts. Held-out texts never enter it (their teacher vectors would leak into the alignment metrics)."""
+    train_rows = np.asarray(data.train_idx)
+    if not cfg.bank_data:
+        rng = np.random.default_rng([cfg.seed, 7])
+        return np.sort(rng.choice(train_rows, size=min(cfg.bank_size, len(train_rows)), replace=False))
+    bank = load_corpus(cfg.bank_data, None, cfg.seed)
+    position = {t: i for i, t in enumerate(data.texts)}
+    missing = sum(t not in position for t in bank.texts)
+    if missing:
+        raise LeafkdError(f"--bank-data: {missing} of its {len(bank)} texts are not training data (add its sources "
+                          f"to --data: their teacher vectors come from the store)")
+    rows = np.fromiter((position[t] for t in bank.texts), dtype=np.int64, count=len(bank))
+    rows = np.setdiff1d(rows, data.heldout_idx)
+    if len(rows) < 2:
+        raise LeafkdError("--bank-data: fewer than 2 of its texts are left for the bank outside the held-out set")
+    return rows
+
+
+def make_loss(cfg: TrainConfig, teacher_sample: np.ndarray, bank: np.ndarray | None = None) -> CombinedLoss:
     parts: dict[str, tuple[float, torch.nn.Module]] = {}
     if cfg.leaf_l2 > 0:
         parts["leaf_l2"] = (cfg.leaf_l2, LeafL2Loss())
@@ -310,6 +346,10 @@ def make_loss(cfg: TrainConfig, teacher_sample: np.ndarray) -> CombinedLoss:
         parts["lelp"] = (cfg.lelp, LELPLoss(head, cfg.lelp_temperature))
     if cfg.relational > 0:
         parts["relational"] = (cfg.relational, RelationalLoss(cfg.relational_temperature))
+    if cfg.bank > 0:
+        if bank is None:
+            raise ValueError("the bank loss needs its bank of teacher vectors")
+        parts["bank"] = (cfg.bank, BankRelationalLoss(bank, cfg.bank_temperature))
     return CombinedLoss(parts)
 
 
@@ -545,7 +585,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     rng = np.random.default_rng(cfg.seed)
     teacher_sample_idx = np.sort(rng.choice(data.train_idx, size=min(len(data.train_idx), max(cfg.ridge_samples, 1)), replace=False))
-    loss_fn = make_loss(cfg, data.teacher[teacher_sample_idx].astype(np.float32))
+    bank = None
+    if cfg.bank > 0:
+        rows = bank_rows(cfg, data)
+        bank = data.teacher[rows].astype(np.float32)
+        log(f"bank loss: {len(rows)} teacher vectors ({'--bank-data' if cfg.bank_data else 'sample of the training texts'})")
+    loss_fn = make_loss(cfg, data.teacher[teacher_sample_idx].astype(np.float32), bank)
 
     ckpts = _checkpoints(out) if cfg.resume else []
     state = None

@@ -39,11 +39,16 @@ def test_adapt_text_command_on_cranfield(tmp_path, data_dir, capsys):
     assert len(spans) > 2000 and all(any(f" {s} " in d for d in docs) for s in spans[:200])
     assert len(pieces) > 5000 and all(len(p.split()) >= 4 for p in pieces)
     # The printed --data sources load as they are, with the suggested weights.
-    data = [a for a in shlex.split(out.splitlines()[-1]) if a != "--data"]
+    lines = out.splitlines()
+    data = [a for a in shlex.split(lines[-3]) if a != "--data"]
     corpus = load_corpus(data)
     weight = dict(zip(corpus.texts, corpus.weights))
     assert len(corpus) >= len(set(pieces) | set(spans)) and all(weight[p] >= 3 for p in pieces)
     assert weight[next(s for s in spans if s not in set(pieces) and f" {s} " not in docs)] == 1
+    # The printed bank options are train-embedder options naming the documents themselves.
+    bank = shlex.split(lines[-1])
+    assert bank == ["--bank", "300", "--bank-data", str(source)]
+    assert set(load_corpus([str(source)]).texts) <= set(corpus.texts)  # the bank's texts are training data
     # Deterministic: a second run writes the same bytes.
     assert main(["adapt-text", str(source), "--out", str(tmp_path / "b"), "--spans", "2"]) == 0
     assert (tmp_path / "b" / "cranfield-spans.txt").read_bytes() == (tmp_path / "a" / "cranfield-spans.txt").read_bytes()

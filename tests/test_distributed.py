@@ -2,7 +2,7 @@
 
 - a 2-rank capture writes the store a single process writes (texts, vectors bit-equal, same manifest shards);
 - a killed distributed capture resumes in one process, adopting the shards the ranks had finished;
-- one 2-rank DDP training step (uneven split of an odd global batch, relational loss on) equals one
+- one 2-rank DDP training step (uneven split of an odd global batch, relational and bank losses on) equals one
   single-process step on the same global batch;
 - a 2-rank checkpoint resumes in one process.
 
@@ -139,7 +139,7 @@ def test_killed_distributed_capture_resumes_in_one_process(tmp_path, stores, tex
 def _train_args(texts_file, store, out, **extra) -> dict:
     args = {"student": None, "student_layers": 1, "projection": "always", "data": [str(texts_file)],
             "vectors": str(store), "heldout": 40, "max_steps": 1, "batch_size": 15, "lr": 5e-6, "projection_lr": 5e-6,
-            "relational": 0.5, "eval_every": 0, "checkpoint_every": 0, "output": str(out), "progress": False,
+            "relational": 0.5, "bank": 20.0, "bank_size": 100, "eval_every": 0, "checkpoint_every": 0, "output": str(out), "progress": False,
             "plot": False, "device": "cpu", "ridge_samples": 200}
     args.update(extra)
     return args

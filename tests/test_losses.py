@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from leafkd.losses import CombinedLoss, CosineLoss, LeafL2Loss, LELPHead, LELPLoss, MSELoss, RelationalLoss
+from leafkd.losses import (BankRelationalLoss, CombinedLoss, CosineLoss, LeafL2Loss, LELPHead, LELPLoss, MSELoss,
+                           RelationalLoss)
 
 torch.manual_seed(0)
 D = 32
@@ -26,14 +27,14 @@ def lelp_head(teacher_cloud):
     return LELPHead.fit(teacher_cloud.numpy(), classes=6, subclasses=4, seed=0)
 
 
-def all_losses(head):
+def all_losses(head, bank):
     return {"l2": LeafL2Loss(), "mse": MSELoss(), "cos": CosineLoss(), "lelp": LELPLoss(head, 0.1),
-            "rel": RelationalLoss(0.1)}
+            "rel": RelationalLoss(0.1), "bank": BankRelationalLoss(bank, 0.1)}
 
 
 def test_zero_loss_and_gradient_at_teacher(teacher_cloud, lelp_head):
     t = teacher_cloud[:16]
-    for name, loss in all_losses(lelp_head).items():
+    for name, loss in all_losses(lelp_head, teacher_cloud[100:300]).items():
         s = t.clone().requires_grad_(True)
         value = loss(s, t)
         value.backward()
@@ -43,7 +44,7 @@ def test_zero_loss_and_gradient_at_teacher(teacher_cloud, lelp_head):
 
 def test_positive_and_finite_gradients_away_from_teacher(teacher_cloud, lelp_head):
     t = teacher_cloud[:16]
-    for name, loss in all_losses(lelp_head).items():
+    for name, loss in all_losses(lelp_head, teacher_cloud[100:300]).items():
         s = (t + 0.2 * torch.randn_like(t)).requires_grad_(True)
         value = loss(s, t)
         value.backward()
@@ -101,3 +102,22 @@ def test_combined_weights(teacher_cloud, lelp_head):
     total, parts = combo(s, t)
     assert torch.allclose(total, LeafL2Loss()(s, t) + 0.5 * LELPLoss(lelp_head)(s, t))
     assert set(parts) == {"leaf_l2", "lelp"}
+
+
+def test_bank_relational_is_relational_against_fixed_keys(teacher_cloud):
+    t = teacher_cloud[:12]
+    s = t + 0.2 * torch.randn_like(t)
+    # With the batch's own teacher vectors as the bank it is the in-batch relational loss.
+    assert torch.allclose(BankRelationalLoss(t, 0.1)(s, t), RelationalLoss(0.1)(s, t), atol=1e-6)
+    # Only the error inside the bank's span matters: error orthogonal to every key changes nothing.
+    bank = teacher_cloud[100:110]
+    basis, _ = torch.linalg.qr(bank.T)
+    noise = torch.randn_like(t)
+    orth = noise - (noise @ basis) @ basis.T
+    assert float(BankRelationalLoss(bank, 0.1)(t + orth, t)) < 1e-6
+    assert float(BankRelationalLoss(bank, 0.1)(t + noise, t)) > 1e-4
+    # No trainable parameters; the bank travels with the module (buffer) to the training device.
+    loss = BankRelationalLoss(bank.numpy(), 0.1)
+    assert sum(p.numel() for p in loss.parameters()) == 0 and "bank" in dict(loss.named_buffers())
+    with pytest.raises(ValueError, match="at least 2 vectors"):
+        BankRelationalLoss(bank[:1])

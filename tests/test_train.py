@@ -122,12 +122,35 @@ def test_resume_after_kill_is_identical(tmp_path, texts_file, minilm_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_bank_loss_trains_against_the_named_documents(tmp_path, texts_file, minilm_path, data_dir):
+    # The bank: teacher vectors of a document set that is also training data (here 150 SciFact abstracts).
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(l + "\n" for l in (data_dir / "beir" / "scifact" / "corpus.jsonl").read_text().splitlines()[:150]))
+    out = tmp_path / "bank"
+    args = _args(texts_file, minilm_path, out, data=[str(texts_file), f"{docs}#text"], bank=50.0,
+                 bank_data=[f"{docs}#text"], log_every=2)
+    logs = []
+    result = train(load_config(None, **args), log=logs.append)
+    assert any("bank loss: 1" in m and "--bank-data" in m for m in logs), logs
+    n_bank = int(next(m for m in logs if m.startswith("bank loss")).split()[2])
+    assert 100 <= n_bank < 150  # the documents minus those drawn into the held-out set (60 of the 450 texts)
+    parts = [r["loss_parts"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
+    assert parts and all(p["bank"] > 0 and p["leaf_l2"] > 0 for p in parts)
+    assert result["final"]["heldout_cos_mean"] > result["ridge_baseline"]["heldout_cos_mean"]
+    # A bank whose texts are not training data has no teacher vectors: a one-line error before any training.
+    bad = _args(texts_file, minilm_path, tmp_path / "bad-bank", bank=1.0, bank_data=[f"{docs}#text"])
+    r = subprocess.run([sys.executable, "-m", "leafkd", "train", *_cli(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --bank-data: 150 of its 150 texts"), r.stderr[-1500:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "bad-bank" / "model").exists()
+
+
 def test_bad_options_are_one_line_errors(tmp_path, texts_file, minilm_path):
     cases = [
         {"data": [str(tmp_path / "missing.txt")]},
         {"student": str(tmp_path)},
         {"leaf_l2": 0.0},
         {"heldout": 100000},
+        {"bank_data": [str(texts_file)]},  # a bank without its loss weight
     ]
     for extra in cases:
         args = _args(texts_file, minilm_path, tmp_path / "bad", **extra)

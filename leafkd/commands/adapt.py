@@ -43,6 +43,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{source}: {len(pieces)} pieces -> {pieces_path}" + (f", {len(spans)} spans -> {spans_path}" if spans else ""))
     print("train on them with your other data (the measured mix: documents and pieces 3x, spans once):")
     print("  " + " ".join(data))
+    # The bank loss: the student learns to rank these documents (their teacher vectors) as the teacher does.
+    print("and rank the documents as the teacher does (the bank loss at its measured weight):")
+    print("  --bank 300 " + " ".join(f"--bank-data '{source}'" for source, *_ in results))
     return 0
 
 

@@ -36,7 +36,7 @@ def build_train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
-        if f.name == "data":
+        if f.name in ("data", "bank_data"):
             parser.add_argument(flag, action="append", default=None, metavar="SOURCE", help=help_text)
         elif _type_of(f.type) is bool:
             parser.add_argument(flag, type=_parse_bool, default=None, metavar="BOOL", help=help_text)
