@@ -88,7 +88,8 @@ class TrainConfig:
                        "should rank the bank as the teacher does (for asymmetric retrieval, the index's documents)")
     bank_data: list[str] = _opt([], "sources (as --data, repeatable) whose texts' teacher vectors form the bank; each "
                                 "text must be training data too (default: a sample of the training texts)")
-    bank_size: int = _opt(65536, "bank without --bank-data: a seeded sample of this many training texts")
+    bank_size: int = _opt(65536, "at most this many bank vectors (a seeded sample beyond it; without --bank-data, "
+                          "sampled from the training texts): the loss scores every batch text against all of them")
     bank_temperature: float = _opt(0.05, "bank relational softmax temperature")
     ridge_alpha: float = _opt(1e-2, "relative ridge penalty of the projection warm start")
     ridge_samples: int = _opt(20000, "texts used to fit the ridge warm start")
@@ -314,11 +315,12 @@ def _set_dropout(model: torch.nn.Module, p: float) -> None:
 
 
 def bank_rows(cfg: TrainConfig, data: TrainData) -> np.ndarray:
-    """Rows of `data` whose teacher vectors form the bank: the texts of --bank-data, or a seeded sample of the
-    training texts. Held-out texts never enter it (their teacher vectors would leak into the alignment metrics)."""
-    train_rows = np.asarray(data.train_idx)
+    """Rows of `data` whose teacher vectors form the bank: the texts of --bank-data, or the training texts; a seeded
+    sample of `bank_size` of them when there are more. Held-out texts never enter it (their teacher vectors would
+    leak into the alignment metrics)."""
+    rng = np.random.default_rng([cfg.seed, 7])
     if not cfg.bank_data:
-        rng = np.random.default_rng([cfg.seed, 7])
+        train_rows = np.asarray(data.train_idx)
         return np.sort(rng.choice(train_rows, size=min(cfg.bank_size, len(train_rows)), replace=False))
     bank = load_corpus(cfg.bank_data, None, cfg.seed)
     position = {t: i for i, t in enumerate(data.texts)}
@@ -330,6 +332,8 @@ def bank_rows(cfg: TrainConfig, data: TrainData) -> np.ndarray:
     rows = np.setdiff1d(rows, data.heldout_idx)
     if len(rows) < 2:
         raise LeafkdError("--bank-data: fewer than 2 of its texts are left for the bank outside the held-out set")
+    if len(rows) > cfg.bank_size:
+        rows = np.sort(rng.choice(rows, size=cfg.bank_size, replace=False))
     return rows
 
 
