@@ -59,8 +59,7 @@ RUNS = {
     "adapted-w3-len384-crops4": ADAPTED_CROPS4,
     # + the bank loss (leafkd.losses.BankRelationalLoss): each student vector should rank the corpora's documents
     # (their teacher vectors, the index's own) as the teacher's vector of the same text does. Teacher vectors only.
-    # Weight 100 puts its gradient at about half of the L2 term's at cosine 0.9 (measured on SciFact documents);
-    # 300 is the corpus-adapted recipe (eval/RESULTS.md: 99.72% of the teacher over 5 seeds).
+    # 300 is the corpus-adapted recipe (eval/RESULTS.md: 99.72% of the teacher over 5 seeds; 100: 99.47%, 4 seeds).
     "adapted-bank100": {**ADAPTED_CROPS4, "bank": 100.0, "bank_corpus": True},
     "adapted-bank300": {**ADAPTED_CROPS4, "bank": 300.0, "bank_corpus": True},
     # + prose paragraphs of Debian's documentation of scientific Python packages (eval/package_text.py): passage-

@@ -130,6 +130,13 @@ class LELPLoss(nn.Module):
         return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * t * t
 
 
+def relational_kl(student: Tensor, teacher: Tensor, keys: Tensor, tau: float) -> Tensor:
+    """tau^2 * mean_i KL(softmax(t_i K^T / tau) || softmax(s_i K^T / tau)): how student i ranks the keys vs teacher i."""
+    log_p_s = F.log_softmax(student @ keys.T / tau, dim=-1)
+    log_p_t = F.log_softmax(teacher @ keys.T / tau, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * tau * tau
+
+
 class RelationalLoss(nn.Module):
     """In-batch relations: the student query i should rank the batch's teacher documents as the teacher does.
 
@@ -144,11 +151,7 @@ class RelationalLoss(nn.Module):
     def forward(self, student: Tensor, teacher: Tensor, keys: Tensor | None = None) -> Tensor:
         """``keys``: the teacher vectors of the whole batch when ``student``/``teacher`` are one rank's rows of it
         (distributed training): each row's loss only needs its own vectors and the batch's teacher vectors."""
-        tau = self.temperature
-        keys = teacher if keys is None else keys
-        log_p_s = F.log_softmax(student @ keys.T / tau, dim=-1)
-        log_p_t = F.log_softmax(teacher @ keys.T / tau, dim=-1)
-        return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * tau * tau
+        return relational_kl(student, teacher, teacher if keys is None else keys, self.temperature)
 
 
 class BankRelationalLoss(nn.Module):
@@ -170,11 +173,7 @@ class BankRelationalLoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        tau = self.temperature
-        bank = self.bank.to(student.dtype)
-        log_p_s = F.log_softmax(student @ bank.T / tau, dim=-1)
-        log_p_t = F.log_softmax(teacher @ bank.T / tau, dim=-1)
-        return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * tau * tau
+        return relational_kl(student, teacher, self.bank.to(student.dtype), self.temperature)
 
 
 class CombinedLoss(nn.Module):

@@ -226,10 +226,14 @@ class TrainData:
     heldout_idx: np.ndarray
     fingerprint: str
     teacher_meta: dict
+    bank_texts: list[str] | None = None  # the texts of --bank-data, when the bank loss names them
 
 
 def prepare_data(cfg: TrainConfig, out: Path, log) -> TrainData:
     corpus: Corpus | None = load_corpus(cfg.data, cfg.max_texts, cfg.seed) if cfg.data else None
+    bank_texts = load_corpus(cfg.bank_data, None, cfg.seed).texts if cfg.bank > 0 and cfg.bank_data else None
+    if bank_texts is not None and corpus is not None:  # fail before the capture, not after it
+        _check_bank_texts(bank_texts, set(corpus.texts))
     store_path = Path(cfg.vectors) if cfg.vectors else out / "teacher-vectors"
     if cfg.teacher_vectors:
         if corpus is None:
@@ -267,7 +271,14 @@ def prepare_data(cfg: TrainConfig, out: Path, log) -> TrainData:
     order = np.argsort(keys, kind="stable")
     heldout_idx = np.sort(order[: cfg.heldout])
     train_idx = np.sort(order[cfg.heldout :])
-    return TrainData(texts, vectors, weights, train_idx, heldout_idx, store.fingerprint, dict(store.manifest))
+    return TrainData(texts, vectors, weights, train_idx, heldout_idx, store.fingerprint, dict(store.manifest), bank_texts)
+
+
+def _check_bank_texts(bank_texts: list[str], known) -> None:
+    missing = sum(t not in known for t in bank_texts)
+    if missing:
+        raise LeafkdError(f"--bank-data: {missing} of its {len(bank_texts)} texts are not training data (add its sources "
+                          f"to --data: their teacher vectors come from the store)")
 
 
 class LengthGroupedBatches:
@@ -319,16 +330,12 @@ def bank_rows(cfg: TrainConfig, data: TrainData) -> np.ndarray:
     sample of `bank_size` of them when there are more. Held-out texts never enter it (their teacher vectors would
     leak into the alignment metrics)."""
     rng = np.random.default_rng([cfg.seed, 7])
-    if not cfg.bank_data:
+    if data.bank_texts is None:
         train_rows = np.asarray(data.train_idx)
         return np.sort(rng.choice(train_rows, size=min(cfg.bank_size, len(train_rows)), replace=False))
-    bank = load_corpus(cfg.bank_data, None, cfg.seed)
     position = {t: i for i, t in enumerate(data.texts)}
-    missing = sum(t not in position for t in bank.texts)
-    if missing:
-        raise LeafkdError(f"--bank-data: {missing} of its {len(bank)} texts are not training data (add its sources "
-                          f"to --data: their teacher vectors come from the store)")
-    rows = np.fromiter((position[t] for t in bank.texts), dtype=np.int64, count=len(bank))
+    _check_bank_texts(data.bank_texts, position)  # a store given without --data: checked against its texts here
+    rows = np.fromiter((position[t] for t in data.bank_texts), dtype=np.int64, count=len(data.bank_texts))
     rows = np.setdiff1d(rows, data.heldout_idx)
     if len(rows) < 2:
         raise LeafkdError("--bank-data: fewer than 2 of its texts are left for the bank outside the held-out set")
