@@ -6,7 +6,7 @@ EXTRAS ?= cpu,server,eval,test
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench-cpu clean
+.PHONY: install demo lint test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,12 @@ models/all-MiniLM-L6-v2/modules.json: $(VENV)/.installed
 demo: models/all-MiniLM-L6-v2/modules.json
 	$(VENV)/bin/leafkd demo
 
-test: $(VENV)/.installed
+# Lint and type checks of the library run before the tests (and fail them).
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check leafkd
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q tests
 
 clean:

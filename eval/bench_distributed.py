@@ -52,11 +52,12 @@ def _sync() -> None:
 def worker_capture(a: argparse.Namespace) -> None:
     import torch
 
-    from leafkd import distributed as d
-    from leafkd.capture import capture, pick_device
-    from leafkd.data import load_corpus
-    from leafkd.encode import encode
+    from leafkd.capture.teacher import capture
+    from leafkd.data.sources import load_corpus
     from leafkd.models import load_model
+    from leafkd.runtime import distributed as d
+    from leafkd.runtime.devices import pick_device
+    from leafkd.runtime.encode import encode
 
     d.init_from_env(a.device)
     dev = pick_device(a.device)
@@ -81,8 +82,9 @@ def worker_capture(a: argparse.Namespace) -> None:
 
 
 def worker_train(a: argparse.Namespace) -> None:
-    from leafkd import distributed as d
-    from leafkd.train import load_config, train
+    from leafkd.runtime import distributed as d
+    from leafkd.training.config import load_config
+    from leafkd.training.trainer import train
 
     d.init_from_env(a.device)
     world = d.world_size()
@@ -137,7 +139,7 @@ def faiss_check(vectors: np.ndarray, nq: int, k: int, ivf_lists: int, log) -> di
         import faiss
     except ImportError:
         return {"skipped": "FAISS is not installed"}
-    from leafkd.index import gpu_count, index_to_gpu
+    from leafkd.retrieval.faiss_utils import gpu_count, index_to_gpu
 
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -245,8 +247,8 @@ def main() -> int:
 
     import torch
 
-    from leafkd.data import load_corpus
-    from leafkd.store import VectorStore
+    from leafkd.capture.store import VectorStore
+    from leafkd.data.sources import load_corpus
 
     out = Path(a.out).resolve()
     work = out / "work"

@@ -28,11 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from leafkd.alignment import alignment  # noqa: E402
-from leafkd.data import load_corpus  # noqa: E402
-from leafkd.encode import default_batch_tokens, encode, encode_tokens, plan_batches, tokenize  # noqa: E402
+from leafkd.data.sources import load_corpus
 from leafkd.models import load_model  # noqa: E402
-from leafkd.packed import PackedForward, pack  # noqa: E402
+from leafkd.runtime.encode import default_batch_tokens, encode, encode_tokens
+from leafkd.runtime.packed import PackedForward, pack
+from leafkd.runtime.tokens import plan_batches, tokenize
+from leafkd.training.alignment import heldout_alignment
 
 
 def sync() -> None:
@@ -164,11 +165,11 @@ def bench_capture(model_path: str, texts: list[str], device: torch.device, label
 def naive_train(student, texts: list[str], teacher: np.ndarray, train_idx: np.ndarray, steps: int, batch: int,
                 cfg, device: torch.device, seed: int) -> tuple[dict, object]:
     """The plain loop a user writes first: tokenise per batch, pad to longest, fp32 + bf16 autocast, AdamW."""
-    from leafkd.train import _param_groups, lr_factor
+    from leafkd.training.optim import lr_factor, param_groups
 
     tok = student.tokenizer
     max_len = student.max_seq_length
-    opt = torch.optim.AdamW(_param_groups(student, cfg), betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.AdamW(param_groups(student, cfg), betas=(0.9, 0.999), eps=1e-8)
     base = [g["lr"] for g in opt.param_groups]
     student.train()
     rng = np.random.default_rng(seed)
@@ -204,9 +205,13 @@ def naive_train(student, texts: list[str], teacher: np.ndarray, train_idx: np.nd
 
 
 def bench_training(args, device: torch.device, peak: float, out: Path) -> list[dict]:
-    from leafkd.capture import capture
-    from leafkd.student import build_student, warm_start
-    from leafkd.train import _set_dropout, load_config, prepare_data, train
+    from leafkd.capture.teacher import capture
+    from leafkd.student.build import build_student
+    from leafkd.student.warm_start import warm_start
+    from leafkd.training.config import load_config
+    from leafkd.training.data import prepare_data
+    from leafkd.training.optim import set_dropout
+    from leafkd.training.trainer import train
 
     train_dir = Path(args.data_dir) / "train"
     sources = [str(train_dir / f) for f in ("questions.tsv", "wordnet_examples.txt", "wiki_paragraphs.jsonl",
@@ -257,7 +262,7 @@ def bench_training(args, device: torch.device, peak: float, out: Path) -> list[d
     cfg = load_config(None, output=str(work / "naive"), **common)
     data = prepare_data(cfg, Path(cfg.output), lambda *a: None)
     student = build_student(args.student, data.teacher.shape[1], projection="auto", normalize=True)
-    _set_dropout(student, cfg.dropout)
+    set_dropout(student, cfg.dropout)
     student.to(device)
     rng = np.random.default_rng(cfg.seed)
     sample = np.sort(rng.choice(data.train_idx, size=min(len(data.train_idx), cfg.ridge_samples), replace=False))
@@ -268,7 +273,7 @@ def bench_training(args, device: torch.device, peak: float, out: Path) -> list[d
     student.eval()
     held = [data.texts[i] for i in data.heldout_idx]
     tokens, _ = tokenize(student, held)
-    naive_cos = alignment(encode_tokens(student, tokens, device=device), data.teacher[data.heldout_idx].astype(np.float32))["heldout_cos_mean"]
+    naive_cos = heldout_alignment(encode_tokens(student, tokens, device=device), data.teacher[data.heldout_idx].astype(np.float32))["heldout_cos_mean"]
     n_params, layers, hidden, _ = param_count(student)
     lengths = tokenize(student, data.texts)[0].lengths
     fpt = flops_per_token(n_params, layers, hidden, float(lengths.mean()), train=True)
@@ -323,9 +328,9 @@ def main() -> None:
     peak = matmul_peak(device)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device: {gpu}; measured bf16 matmul: {peak:.0f} TFLOP/s", flush=True)
-    from leafkd.packed import _varlen
+    from leafkd.runtime.packed import varlen_attention
 
-    attention = "flash varlen" if _varlen() is not None and device.type == "cuda" else "padded SDPA"
+    attention = "flash varlen" if varlen_attention() is not None and device.type == "cuda" else "padded SDPA"
     print(f"packed attention for BERT students: {attention}", flush=True)
     rows: list[dict] = []
     cols = ["section", "method", "texts_per_s", "samples_per_s", "real_tokens_per_s", "ratio", "padding_fraction",

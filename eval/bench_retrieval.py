@@ -279,7 +279,7 @@ def _gpu_engines(cpu_index, x: np.ndarray, k: int, notes: list[str]):
     """(name, make) pairs: each make() returns (search(q_numpy) callable, single-query index or None, cleanup)."""
     import faiss
 
-    from leafkd.index import _GpuRes, index_to_gpu
+    from leafkd.retrieval.faiss_utils import GpuResources, index_to_gpu
 
     engines = []
 
@@ -310,7 +310,7 @@ def _gpu_engines(cpu_index, x: np.ndarray, k: int, notes: list[str]):
                     import faiss.contrib.torch_utils  # noqa: F401  (knn_gpu on torch CUDA tensors, no copies)
 
                     xb = torch.from_numpy(x).to("cuda").to(dtype)
-                    res = _GpuRes.get(0)
+                    res = GpuResources.get(0)
 
                     def search(q):
                         xq = torch.from_numpy(q).to("cuda", non_blocking=True).to(dtype)
@@ -352,7 +352,7 @@ def bench_faiss(sizes: list[int], dim: int, batches: list[int], nq_cpu: int, k: 
                 min_time: float = 1.0) -> tuple[list[dict], list[str]]:
     import faiss
 
-    from leafkd.index import gpu_count
+    from leafkd.retrieval.faiss_utils import gpu_count
 
     rows, notes = [], []
     ngpu = gpu_count()
@@ -389,7 +389,7 @@ def bench_faiss(sizes: list[int], dim: int, batches: list[int], nq_cpu: int, k: 
                     cleanup()
                     sync_cuda()
             if ngpu > 1:
-                from leafkd.index import index_to_gpu
+                from leafkd.retrieval.faiss_utils import index_to_gpu
 
                 try:
                     g = index_to_gpu(cpu, fp16=True, shards=-1)
@@ -458,9 +458,12 @@ def main() -> int:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     import leafkd
-    from leafkd.index import build_index, faiss_build_name, gpu_count, load_index, read_documents
+    from leafkd.data.documents import read_documents
     from leafkd.models import load_model, resolve_model
-    from leafkd.retriever import Retriever
+    from leafkd.retrieval.build import build_index
+    from leafkd.retrieval.faiss_utils import faiss_build_name, gpu_count
+    from leafkd.retrieval.index import load_index
+    from leafkd.retrieval.retriever import Retriever
 
     cuda = torch.cuda.is_available()
     device_name = torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine()

@@ -79,9 +79,10 @@ def corpus_pieces(data_dir: Path, folders: list[str], out: Path, crops: int = 0)
     into sentence pieces (leafkd.adapt.split_pieces); with `crops` > 0, also a file of that many random 4-32-word
     spans per document (leafkd.adapt.random_spans; second list returned). `leafkd adapt-text` does the same for
     any corpus; the order and seeds here are the ones of the recorded runs."""
-    from leafkd.adapt import adaptation_text, random_spans
     from leafkd.atomic import write_text
-    from leafkd.data import join_title, read_beir
+    from leafkd.data.adaptation import adaptation_text, random_spans
+    from leafkd.data.beir import read_beir
+    from leafkd.data.sources import join_title
 
     sources, crop_sources = [], []
     for folder in folders:
@@ -150,8 +151,8 @@ def run_config(name: str, args) -> dict:
         text_file = package_text_file(args.package_text_dir, more=package_text == "more")
         base["data"] = base["data"] + [str(text_file)]
         if package_pieces:
-            from leafkd.adapt import adaptation_text
             from leafkd.atomic import write_text
+            from leafkd.data.adaptation import adaptation_text
 
             pieces, _ = adaptation_text(text_file, spans=0)
             pieces_file = Path(args.runs_dir) / "package-pieces" / f"{text_file.stem}-sentences.txt"
@@ -183,7 +184,8 @@ def run_config(name: str, args) -> dict:
 
 
 def stage_train(args) -> dict:
-    from leafkd.train import load_config, train
+    from leafkd.training.config import load_config
+    from leafkd.training.trainer import train
 
     timings = {}
     for name in args.runs:

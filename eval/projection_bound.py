@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 def sample_texts(data_dir: Path, seed: int = 0) -> list[str]:
     """A seeded sample of three of the flagship's sources, read as training reads them (leafkd.data)."""
-    from leafkd.data import read_texts
+    from leafkd.data.sources import read_texts
 
     rng = random.Random(seed)
     train = data_dir / "train"

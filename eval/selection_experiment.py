@@ -129,7 +129,8 @@ def main() -> None:
     if not args.vectors:
         args.vectors = str(Path(args.runs_dir) / "teacher-vectors")
 
-    from leafkd.train import load_config, train
+    from leafkd.training.config import load_config
+    from leafkd.training.trainer import train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,7 +159,7 @@ def main() -> None:
         (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
     ref = results["uniform"]["final"]["heldout_cos_mean"]
-    lines = [f"# Data selection vs uniform sampling", "",
+    lines = ["# Data selection vs uniform sampling", "",
              f"teacher `{args.teacher}`, student `{args.student}`" + (f" (first {args.student_layers} layers)" if args.student_layers else "")
              + f", batch {args.batch_size}, lr {args.lr}, full budget {args.steps} steps; refresh every {args.refresh_every} steps,"
              f" temperature {args.temperature}, diversity {args.diversity}, subset fraction {args.fraction}.", "",

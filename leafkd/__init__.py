@@ -1,13 +1,58 @@
-"""leafkd: distil small text-embedding students into a large teacher's space and serve asymmetric retrieval."""
+"""leafkd: distil small text-embedding students into a large teacher's space and serve asymmetric retrieval.
 
+The public API, importable from here (loaded on first use, so `import leafkd` stays light)::
+
+    from leafkd import capture, VectorStore, build_student, TrainConfig, train, build_index, load_index
+    from leafkd import Retriever, run_evaluation, LeafkdError
+"""
+
+from __future__ import annotations
+
+import importlib
 import os
+from typing import TYPE_CHECKING, Any
 
 # Never reach the Hugging Face hub: every model is a local folder (see leafkd.models).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from leafkd.errors import LeafkdError  # noqa: E402
 
-__all__ = ["LeafkdError", "__version__"]
+# name -> the module that defines it
+_PUBLIC = {
+    "capture": "leafkd.capture.teacher",
+    "VectorStore": "leafkd.capture.store",
+    "build_student": "leafkd.student.build",
+    "TrainConfig": "leafkd.training.config",
+    "load_config": "leafkd.training.config",
+    "train": "leafkd.training.trainer",
+    "build_index": "leafkd.retrieval.build",
+    "load_index": "leafkd.retrieval.index",
+    "Retriever": "leafkd.retrieval.retriever",
+    "run_evaluation": "leafkd.evaluation.runner",
+}
+
+if TYPE_CHECKING:
+    from leafkd.capture.store import VectorStore
+    from leafkd.capture.teacher import capture
+    from leafkd.evaluation.runner import run_evaluation
+    from leafkd.retrieval.build import build_index
+    from leafkd.retrieval.index import load_index
+    from leafkd.retrieval.retriever import Retriever
+    from leafkd.student.build import build_student
+    from leafkd.training.config import TrainConfig, load_config
+    from leafkd.training.trainer import train
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'leafkd' has no attribute {name!r}")
+
+
+__all__ = ["LeafkdError", "Retriever", "TrainConfig", "VectorStore", "__version__", "build_index", "build_student",
+           "capture", "load_config", "load_index", "run_evaluation", "train"]

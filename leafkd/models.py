@@ -40,7 +40,7 @@ KNOWN_MODELS: dict[str, dict] = {
 }
 
 # Files that carry no model behaviour and so stay out of a fingerprint.
-_FINGERPRINT_SKIP = {"README.md", "desktop.ini", ".gitattributes", "leafkd.json"}
+_FINGERPRINT_SKIP = {"README.md", "desktop.ini", ".gitattributes", "leafkd.json"}  # leafkd.json: a student's record
 
 
 def _download(packages: list[str], dest: Path) -> list[Path]:

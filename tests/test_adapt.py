@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import shlex
 
-from leafkd.adapt import adaptation_text, random_spans, split_pieces
 from leafkd.cli import main
-from leafkd.data import join_title, load_corpus, read_beir
+from leafkd.data.adaptation import adaptation_text, random_spans, split_pieces
+from leafkd.data.beir import read_beir
+from leafkd.data.sources import join_title, load_corpus
 
 
 def test_split_pieces_sentences_windows_and_short_ones():

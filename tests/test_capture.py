@@ -10,10 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from leafkd.capture import capture, capture_blackbox, check_store_for_teacher
-from leafkd.data import load_corpus
+from leafkd.capture.store import VectorStore
+from leafkd.capture.teacher import capture, capture_blackbox, check_store_for_teacher
+from leafkd.data.sources import load_corpus
 from leafkd.errors import LeafkdError
-from leafkd.store import VectorStore
 
 
 @pytest.fixture(scope="module")

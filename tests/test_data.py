@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from leafkd.data import Source, load_corpus, read_beir, read_texts, text_hash
+from leafkd.data.beir import read_beir
+from leafkd.data.sources import Source, load_corpus, read_texts, text_hash
 from leafkd.errors import LeafkdError
 
 

@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from leafkd.capture import PENDING, _chunk_digest
-from leafkd.distributed import local_batch, split_range
-from leafkd.store import VectorStore
-from leafkd.train import load_config, train
+from leafkd.capture.store import VectorStore
+from leafkd.capture.teacher import PENDING, _chunk_digest
+from leafkd.runtime.distributed import local_batch, split_range
+from leafkd.training.config import load_config
+from leafkd.training.trainer import train
 
 SHARD = 64
 
@@ -72,8 +73,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory, texts_file, minilm_path, minilm):
-    from leafkd.capture import capture
-    from leafkd.data import load_corpus
+    from leafkd.capture.teacher import capture
+    from leafkd.data.sources import load_corpus
 
     root = tmp_path_factory.mktemp("stores")
     _leafkd(["capture", "--teacher", str(minilm_path), "--data", str(texts_file), "--shard-size", str(SHARD),
@@ -108,8 +109,8 @@ def test_distributed_capture_equals_single(stores):
 
 
 def test_killed_distributed_capture_resumes_in_one_process(tmp_path, stores, texts_file, minilm_path, minilm):
-    from leafkd.capture import capture
-    from leafkd.data import load_corpus
+    from leafkd.capture.teacher import capture
+    from leafkd.data.sources import load_corpus
 
     single, dist = stores
     # The state a distributed run leaves when killed after rank 0 finished shards 0 and 2 (nothing merged).

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from leafkd import evaluation as ev
+import leafkd.evaluation as ev
 from leafkd.cli import main as cli_main
 
 SLOW = os.environ.get("LEAFKD_SLOW_TESTS") == "1"
@@ -223,7 +223,7 @@ def test_engines_agree_on_retrieval(small_beir, minilm_embedder):
 def test_alignment_of_a_student_identical_to_its_teacher(small_beir, minilm_embedder):
     ms = ev.ModelSet(teacher=minilm_embedder, student=minilm_embedder, cache=minilm_embedder.cache)
     datas = ev.load_tasks(ev.resolve_tasks([str(small_beir)]))
-    a = ev.alignment(ms, datas)["cranfield-small"]
+    a = ev.alignment_diagnostics(ms, datas)["cranfield-small"]
     assert a["cosine"]["queries"]["mean"] == pytest.approx(1.0, abs=1e-5)
     assert a["cosine"]["documents"]["p5"] == pytest.approx(1.0, abs=1e-5)
     assert a["top10_agreement"]["asymmetric"] == pytest.approx(1.0)

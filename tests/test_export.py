@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from leafkd.commands.export import export_pair
 from leafkd.errors import LeafkdError
 from leafkd.models import fingerprint
-from leafkd.student import build_student
+from leafkd.student.build import build_student
+from leafkd.student.export import export_pair
 
 
 def test_export_routes_queries_to_student(tmp_path, minilm_path):

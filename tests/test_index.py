@@ -6,11 +6,14 @@ import json
 
 import numpy as np
 import pytest
-
 import retrieval_support as S
+
+from leafkd.data.documents import check_unique_ids, read_documents
 from leafkd.errors import LeafkdError
-from leafkd.index import (add_documents, build_index, delete_documents, load_index,
-                          read_documents, verify_index)
+from leafkd.retrieval.build import build_index
+from leafkd.retrieval.index import load_index
+from leafkd.retrieval.manifest import verify_index
+from leafkd.retrieval.updates import add_documents, delete_documents
 
 FP = "f" * 64  # a fingerprint for indexes built from precomputed vectors
 
@@ -85,19 +88,19 @@ def test_add_rejects_duplicates_and_wrong_teacher(tmp_path, docs, emb):
 
 
 def test_failed_add_leaves_old_index(tmp_path, docs, emb, monkeypatch):
-    import leafkd.index as ix
+    import leafkd.retrieval.manifest as ix
 
     folder = build_index(tmp_path / "ix", docs[:50], vectors=emb[:50], teacher_fingerprint=FP, log=lambda m: None)
     before = (folder / "manifest.json").read_bytes()
-    real = ix._write_docs
+    real = ix.write_docs
 
     def boom(*a, **k):  # the new index file is written, then the document store fails
         raise OSError("disk full")
 
-    monkeypatch.setattr(ix, "_write_docs", boom)
+    monkeypatch.setattr(ix, "write_docs", boom)
     with pytest.raises(OSError):
         add_documents(folder, docs[50:60], vectors=emb[50:60], teacher_fingerprint=FP)
-    monkeypatch.setattr(ix, "_write_docs", real)
+    monkeypatch.setattr(ix, "write_docs", real)
     assert (folder / "manifest.json").read_bytes() == before
     idx = load_index(folder)
     assert idx.count == 50
@@ -149,7 +152,7 @@ def test_read_documents_formats(tmp_path):
     assert [(d.id, d.title) for d in read_documents(tmp_path / "b.jsonl", id_start=7, taken={"7"})] == [("x", "T"), ("8", "")]
     (tmp_path / "c.jsonl").write_text('{"_id": "x", "text": "a"}\n{"_id": "x", "text": "b"}\n')
     with pytest.raises(LeafkdError, match="duplicate document ids"):
-        read_documents(tmp_path / "c.jsonl")
+        check_unique_ids(read_documents(tmp_path / "c.jsonl"), tmp_path / "c.jsonl")
     (tmp_path / "d.jsonl").write_text('{"_id": "x", "text": "a"}\nnot json\n')
     with pytest.raises(LeafkdError, match=r"d.jsonl:2: malformed JSON"):
         read_documents(tmp_path / "d.jsonl")

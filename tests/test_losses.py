@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from leafkd.losses import (BankRelationalLoss, CombinedLoss, CosineLoss, LeafL2Loss, LELPHead, LELPLoss, MSELoss,
-                           RelationalLoss)
+from leafkd.losses.combined import CombinedLoss
+from leafkd.losses.distance import CosineLoss, LeafL2Loss, MSELoss
+from leafkd.losses.lelp import LELPHead, LELPLoss
+from leafkd.losses.relational import BankRelationalLoss, RelationalLoss
 
 torch.manual_seed(0)
 D = 32

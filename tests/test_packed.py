@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from leafkd.encode import Tokenized, encode, tokenize, use_packed
-from leafkd.packed import PackedForward, pack, unsupported_reason
+from leafkd.runtime.encode import encode, use_packed
+from leafkd.runtime.packed import PackedForward, pack, unsupported_reason
+from leafkd.runtime.tokens import Tokenized, tokenize
 
 TEXTS = ["hello world", "a much longer sentence about retrieval and the distillation of text embeddings", "x",
          "Scientific claims need evidence from abstracts.", "", "What is the capital of France?"]
@@ -83,7 +84,7 @@ def _grads(model, texts, packed: bool, **shapes) -> dict[str, torch.Tensor]:
     if packed:
         emb = PackedForward(model)(pack(tokens, np.arange(len(texts)), **shapes))
     else:
-        from leafkd.encode import pad_batch
+        from leafkd.runtime.tokens import pad_batch
 
         ids, mask = pad_batch(tokens, np.arange(len(texts)), model.tokenizer.pad_token_id or 0)
         emb = model({"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)})["sentence_embedding"]
@@ -92,11 +93,11 @@ def _grads(model, texts, packed: bool, **shapes) -> dict[str, torch.Tensor]:
 
 
 def test_packed_gradients_equal_padded(minilm_path):
-    from leafkd.student import build_student
-    from leafkd.train import _set_dropout
+    from leafkd.student.build import build_student
+    from leafkd.training.optim import set_dropout
 
     student = build_student(minilm_path, 48, layers=2, normalize=True)
-    _set_dropout(student, 0.0)
+    set_dropout(student, 0.0)
     a, b = _grads(student, TEXTS, True), _grads(student, TEXTS, False)
     assert a.keys() == b.keys() and len(a) > 10
     for name in a:
@@ -154,14 +155,15 @@ def test_varlen_flash_attention_equals_padded_on_cuda():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
 def test_graphed_training_step_equals_eager_on_cuda():
     """Replayed graphs (second sight of a shape on) give the eager step's loss and gradients, batch after batch."""
-    from leafkd.graphs import GraphedTrainStep
-    from leafkd.losses import CombinedLoss, LeafL2Loss
-    from leafkd.student import build_student
-    from leafkd.train import _set_dropout
+    from leafkd.losses.combined import CombinedLoss
+    from leafkd.losses.distance import LeafL2Loss
+    from leafkd.runtime.graphs import GraphedTrainStep
+    from leafkd.student.build import build_student
+    from leafkd.training.optim import set_dropout
 
     torch.manual_seed(0)
     student = build_student(_cuda_minilm_path(), 64, layers=2, normalize=True).to("cuda")
-    _set_dropout(student, 0.0)
+    set_dropout(student, 0.0)
     forward = PackedForward(student)
     compiled = torch.compile(forward, dynamic=True)  # as training runs it (see leafkd.train)
     texts = [f"{TEXTS[i % len(TEXTS)]} {i} " + "more words " * (i % 7) for i in range(96)]
@@ -193,7 +195,7 @@ def test_graphed_training_step_equals_eager_on_cuda():
 
 def test_tokenizer_processes_match_in_process(minilm):
     """Worker-process tokenisation: same ids, order, truncation count and vectors as in-process tokenisation."""
-    from leafkd.encode import POOL_TASK_TEXTS, tokenized_chunks
+    from leafkd.runtime.tokens import POOL_TASK_TEXTS, tokenized_chunks
 
     texts = [f"{TEXTS[i % len(TEXTS)]} number {i}" + (" long" * 300 if i % 97 == 0 else "")
              for i in range(2 * POOL_TASK_TEXTS + 37)]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import retrieval_support as S
+
 from leafkd.errors import LeafkdError
-from leafkd.retriever import Retriever
+from leafkd.retrieval.retriever import Retriever
 
 # Cranfield queries whose judged-relevant documents this teacher ranks in the top 10.
 KNOWN = {"1": {"13", "51", "184"}, "5": {"552"}, "15": {"462", "463"}, "17": {"106"}}
@@ -24,7 +24,7 @@ def test_asymmetric_matches_brute_force(retriever):
     texts = [rs.queries[q] for q in qids]
     hits = retriever.search(texts, top_k=10)
     # the aligned student shares the teacher's weights, so brute force with teacher query vectors is the truth
-    from leafkd.encode import encode
+    from leafkd.runtime.encode import encode
 
     want_ids, want_scores = S.brute_force(encode(S.teacher_model(), texts), 10)
     for hs, wi, ws in zip(hits, want_ids, want_scores):
@@ -49,7 +49,7 @@ def test_batch_shapes(retriever):
 
 
 def test_lean_encoder_matches_encode(retriever):
-    from leafkd.encode import encode
+    from leafkd.runtime.encode import encode
 
     texts = ["a", "what similarity laws must be obeyed when constructing aeroelastic models of heated high speed aircraft"] * 3
     got = retriever.embed(texts)
@@ -89,7 +89,7 @@ def test_teacher_and_student_modes(minilm_path):
 
 
 def test_dimension_mismatch_refused(tmp_path):
-    from leafkd.index import build_index
+    from leafkd.retrieval.build import build_index
 
     folder = build_index(tmp_path / "ix", S.cranfield_docs()[:20], vectors=np.eye(20, 16, dtype=np.float32),
                          teacher_fingerprint=S.teacher_fp(), log=lambda m: None)
@@ -116,7 +116,7 @@ def test_fast_encoder_matches_sentence_transformers(retriever):
 def test_padding_buckets_and_spare_rows_do_not_change_vectors():
     import torch
 
-    from leafkd.retriever import QueryEncoder, fast_plan, length_bucket
+    from leafkd.retrieval.query_encoder import QueryEncoder, fast_plan, length_bucket
 
     assert [length_bucket(n, 40) for n in (1, 8, 9, 33, 41)] == [8, 8, 16, 40, 40]
     assert length_bucket(600, 512) == 512 and length_bucket(100, 384) == 128

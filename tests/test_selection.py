@@ -8,9 +8,17 @@ import pytest
 import torch
 
 from leafkd.errors import LeafkdError
-from leafkd.selection import (degenerate_mask, difficulty, fill_by_cluster, near_duplicates, reweight,
-                              select_subset, spherical_kmeans)
-from leafkd.train import TrainConfig, load_config, train
+from leafkd.training.config import TrainConfig, load_config
+from leafkd.training.selection import (
+    degenerate_mask,
+    difficulty,
+    fill_by_cluster,
+    near_duplicates,
+    reweight,
+    select_subset,
+)
+from leafkd.training.trainer import train
+from leafkd.vectors import kmeans
 
 
 def _anisotropic(n, d=16, seed=0):
@@ -49,7 +57,7 @@ def test_near_duplicates_by_teacher_cosine():
     base = rng.normal(size=(60, 32)).astype(np.float32)
     copies = base[[5, 17, 40]] + 0.01 * rng.normal(size=(3, 32)).astype(np.float32)
     v = np.vstack([base, copies, copies[:1] + 0.005])  # rows 60-62 copy 5, 17, 40; row 63 copies row 60 (and 5)
-    _, labels = spherical_kmeans(v, 4, seed=0)
+    _, labels = kmeans(v, 4, seed=0)
     dup_of = near_duplicates(v, labels, 0.98)
     assert dup_of[:60].tolist() == [-1] * 60
     assert dup_of[60:].tolist() == [5, 17, 40, 5]
@@ -60,8 +68,8 @@ def test_near_duplicates_by_teacher_cosine():
 
 def test_kmeans_and_subset_are_seeded_sized_and_cover_clusters():
     v, _ = _anisotropic(600, seed=2)
-    c1, l1 = spherical_kmeans(v, 12, seed=3)
-    c2, l2 = spherical_kmeans(v, 12, seed=3)
+    c1, l1 = kmeans(v, 12, seed=3)
+    c2, l2 = kmeans(v, 12, seed=3)
     assert np.array_equal(l1, l2) and np.allclose(c1, c2) and len(np.unique(l1)) == 12
     # one big cluster and nine small ones; difficulty rises with the index
     labels = np.r_[np.zeros(510, np.int64), np.repeat(np.arange(1, 10), 10)]

@@ -15,9 +15,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 import retrieval_support as S
-from leafkd.server import Limits, create_app
+
+from leafkd.server.app import create_app
+from leafkd.server.limits import Limits
 
 KEY = "test-key-123"
 H = {"X-API-Key": KEY}
@@ -48,7 +49,7 @@ class _Running:
 
 @pytest.fixture(scope="module")
 def retriever():
-    from leafkd.retriever import Retriever
+    from leafkd.retrieval.retriever import Retriever
 
     return Retriever.load(S.cranfield_index(), student=S.student_dir())
 

@@ -12,8 +12,12 @@ import pytest
 import torch
 
 from leafkd.errors import LeafkdError
-from leafkd.student import build_student, ridge_fit
-from leafkd.train import LengthGroupedBatches, load_config, lr_factor, train
+from leafkd.student.build import build_student
+from leafkd.training.batches import LengthGroupedBatches
+from leafkd.training.config import load_config
+from leafkd.training.optim import lr_factor
+from leafkd.training.trainer import train
+from leafkd.vectors import ridge_fit
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +142,7 @@ def test_bank_loss_trains_against_the_named_documents(tmp_path, texts_file, mini
     assert parts and all(p["bank"] > 0 and p["leaf_l2"] > 0 for p in parts)
     assert result["final"]["heldout_cos_mean"] > result["ridge_baseline"]["heldout_cos_mean"]
     # --bank-size caps the bank (a seeded sample of the documents); held-out texts never enter it.
-    from leafkd.train import TrainData, bank_rows
+    from leafkd.training.data import TrainData, bank_rows
 
     texts = [f"text {i}" for i in range(10)]
     data = TrainData(texts, np.zeros((10, 4), np.float16), np.ones(10), np.arange(2, 10), np.arange(2), "", {},

@@ -1,0 +1,72 @@
+"""The `leafkd` and `train-embedder` commands: one module per subcommand, each with `register(subparsers)`.
+
+User errors (`LeafkdError`, missing files, bad options) print one `error:` line on stderr and exit with status 2;
+Ctrl-C exits 130. Everything else keeps its traceback: that is a bug to report. Library code logs through
+`logging`; the CLI shows those records on stderr and prints its own results on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from leafkd.errors import LeafkdError
+
+# Subcommand modules under leafkd.cli, in the order `leafkd --help` lists them.
+COMMANDS = ("models", "capture", "adapt", "train", "index", "serve", "eval", "demo", "export")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from leafkd import __version__
+
+    parser = argparse.ArgumentParser(prog="leafkd", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"leafkd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"leafkd.cli.{name}").register(sub)
+    return parser
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Library log records on stderr, one plain line each (the CLI's own results go to stdout)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("leafkd")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def run(func: Callable[[], int | None]) -> int:
+    """Run a command body, turning user errors into one line and a non-zero exit."""
+    try:
+        code = func()
+        return int(code or 0)
+    except LeafkdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return run(lambda: args.func(args))
+
+
+def train_embedder_main(argv: Sequence[str] | None = None) -> int:
+    from leafkd.cli.train import build_train_parser
+
+    setup_logging()
+    parser = build_train_parser(argparse.ArgumentParser(prog="train-embedder"))
+    args = parser.parse_args(argv)
+    return run(lambda: args.func(args))

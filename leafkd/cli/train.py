@@ -1,0 +1,73 @@
+"""`leafkd train` / `train-embedder`: options generated from TrainConfig, so --help documents every one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import MISSING, fields
+
+NO_CONFIG = object()
+
+
+def _type_of(annotation) -> type:
+    text = str(annotation)
+    for name, typ in (("int", int), ("float", float), ("bool", bool), ("str", str)):
+        if text.startswith(name) or text.startswith(f"{name} |"):
+            return typ
+    return str
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def build_train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from leafkd.training.config import TrainConfig
+
+    parser.description = "Distil a student into a teacher's embedding space (LEAF + LELP losses)."
+    parser.add_argument("--config", help="TOML file with any of the options below (flags override it)")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        if f.name in ("data", "bank_data"):
+            parser.add_argument(flag, action="append", default=None, metavar="SOURCE", help=help_text)
+        elif _type_of(f.type) is bool:
+            parser.add_argument(flag, type=_parse_bool, default=None, metavar="BOOL", help=help_text)
+            if f.name in ("resume", "plot", "progress"):
+                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const",
+                                    const=False, help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag, type=_type_of(f.type), default=None, metavar=f.name.upper(), help=help_text)
+    parser.set_defaults(func=run_train)
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from leafkd.training.config import TrainConfig, load_config
+    from leafkd.training.trainer import train
+
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(TrainConfig)}
+    cfg = load_config(args.config, **overrides)
+    from leafkd.runtime import distributed as distributed
+
+    result = train(cfg)  # joins the torchrun process group when launched by torchrun
+    main = distributed.is_main()
+    distributed.shutdown()
+    if not main:
+        return 0
+    final, base = result["final"], result["ridge_baseline"]
+    print(json.dumps({"model": result["model"], "steps": result["steps"], "final": final, "ridge_baseline": base}, indent=2))
+    return 0
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("train", help="train a student (same as train-embedder)")
+    build_train_parser(parser)
+
+

@@ -1,0 +1,10 @@
+"""sentence-transformers' module classes, from wherever the installed release keeps them (6.1 moved them)."""
+
+from __future__ import annotations
+
+try:
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Router, Transformer
+except ImportError:  # pragma: no cover - sentence-transformers < 6.1
+    from sentence_transformers.models import Dense, Normalize, Pooling, Router, Transformer
+
+__all__ = ["Dense", "Normalize", "Pooling", "Router", "Transformer"]

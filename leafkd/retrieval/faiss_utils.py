@@ -1,0 +1,195 @@
+"""FAISS helpers: the import check, GPU resources and cloning, index factory, training and search parameters.
+
+The FAISS factory string is the one vocabulary for index types (``Flat``, ``IVF4096,Flat``, ``HNSW32``,
+``IVF4096,PQ64``, ``SQ8``, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from leafkd.errors import LeafkdError
+
+
+def import_faiss():
+    try:
+        import faiss  # noqa: PLC0415
+    except ImportError:
+        raise LeafkdError("FAISS is not installed: pip install 'leafkd[cpu]' (faiss-cpu) or 'leafkd[gpu]'") from None
+    return faiss
+
+
+def gpu_count() -> int:
+    """GPUs FAISS can use (0 with faiss-cpu)."""
+    faiss = import_faiss()
+    if not hasattr(faiss, "StandardGpuResources"):
+        return 0
+    try:
+        return int(faiss.get_num_gpus())
+    except Exception:
+        return 0
+
+
+def faiss_build_name() -> str:
+    faiss = import_faiss()
+    kind = "faiss-gpu" if hasattr(faiss, "StandardGpuResources") else "faiss-cpu"
+    return f"{kind} {getattr(faiss, '__version__', '?')}"
+
+
+def make_index(factory: str, dim: int):
+    faiss = import_faiss()
+    try:
+        return faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise LeafkdError(f"FAISS cannot make index {factory!r} for {dim}-d vectors ({msg})") from None
+
+
+def ivf_nlist(index) -> int | None:
+    faiss = import_faiss()
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except Exception:
+        return None
+    return int(ivf.nlist) if ivf is not None else None
+
+
+def apply_search_params(index, params: dict[str, Any] | None, gpu: bool = False) -> None:
+    """Set search-time knobs (``nprobe``, ``efSearch``, ...) where the index has them."""
+    if not params:
+        return
+    faiss = import_faiss()
+    space = faiss.GpuParameterSpace() if gpu and hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
+    for key, value in params.items():
+        try:
+            space.set_index_parameter(index, key, value)
+        except Exception:
+            pass  # a knob the index does not have (nprobe on a flat index) is not an error
+
+
+def default_search_params(factory: str) -> dict[str, Any]:
+    # FAISS defaults (nprobe=1, efSearch=16) trade far too much recall for speed at retrieval sizes.
+    params: dict[str, Any] = {}
+    if "IVF" in factory:
+        params["nprobe"] = 32
+    if "HNSW" in factory:
+        params["efSearch"] = 128
+    return params
+
+
+class GpuResources:
+    """One StandardGpuResources per process and device (they hold scratch memory and streams).
+
+    ``LEAFKD_FAISS_TEMP_MB`` sets the scratch ("temp") memory: flat search tiles the distance matrix to fit it,
+    so more scratch means fewer, larger GEMM + k-selection passes on big indexes.
+    """
+
+    _res: dict[int, Any] = {}
+
+    @classmethod
+    def get(cls, device: int = 0):
+        if device not in cls._res:
+            res = import_faiss().StandardGpuResources()
+            temp_mb = os.environ.get("LEAFKD_FAISS_TEMP_MB")
+            if temp_mb:
+                res.setTempMemory(int(float(temp_mb) * 2**20))
+            cls._res[device] = res
+        return cls._res[device]
+
+
+def _env_flag(name: str) -> bool | None:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    return v.lower() not in ("0", "false", "no", "off")
+
+
+def gpu_cloner_options(fp16: bool = False, use_cuvs: bool | None = None, multiple: bool = False):
+    """Cloner options for `index_to_gpu`: float16 storage (``fp16``: half the memory; the flat GEMM runs on fp16
+    tensor cores) and, where this FAISS build has cuVS, whether to use it (``None``: FAISS's default, or
+    ``LEAFKD_FAISS_CUVS=0/1``)."""
+    faiss = import_faiss()
+    co = faiss.GpuMultipleClonerOptions() if multiple else faiss.GpuClonerOptions()
+    co.useFloat16 = bool(fp16)
+    if use_cuvs is None:
+        use_cuvs = _env_flag("LEAFKD_FAISS_CUVS")
+    if use_cuvs is not None and hasattr(co, "use_cuvs"):
+        co.use_cuvs = bool(use_cuvs)
+    return co
+
+
+def index_to_gpu(index, fp16: bool = False, shards: int = 1, use_cuvs: bool | None = None, res=None):
+    """Clone a CPU index to one GPU, or shard it over ``shards`` GPUs (``-1``: all). Raises if unsupported."""
+    faiss = import_faiss()
+    ngpu = gpu_count()
+    if ngpu == 0:
+        raise LeafkdError("no GPU visible to FAISS (faiss-cpu, or no CUDA device)")
+    if shards == 1 or ngpu == 1:
+        co = gpu_cloner_options(fp16, use_cuvs)
+        return faiss.index_cpu_to_gpu(res if res is not None else GpuResources.get(0), 0, index, co)
+    co = gpu_cloner_options(fp16, use_cuvs, multiple=True)
+    co.shard = True  # split the vectors over the GPUs (IndexShards); queries go to all of them
+    n = ngpu if shards < 0 else min(shards, ngpu)
+    return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=n)
+
+
+def train_index(index, vectors: np.ndarray, use_gpu: bool, log) -> str:
+    """Train a trainable index; on a GPU the k-means runs there. Returns where it ran."""
+    faiss = import_faiss()
+    nlist = ivf_nlist(index)
+    if nlist is not None and len(vectors) < nlist:
+        raise LeafkdError(f"IVF with {nlist} lists needs at least {nlist} documents to train, the corpus has "
+                          f"{len(vectors)}; use fewer lists (e.g. IVF{max(1, int(4 * np.sqrt(len(vectors))))},Flat) or Flat")
+    # Train on a sample: k-means quality saturates long before millions of points.
+    cap = max(256 * (nlist or 1), 100_000)
+    if len(vectors) > cap:
+        pick = np.sort(np.random.default_rng(0).choice(len(vectors), size=cap, replace=False))
+        vectors = vectors[pick]
+    where = "cpu"
+    if use_gpu and nlist is not None:
+        try:
+            ivf = faiss.extract_index_ivf(index)
+            # The documented way to put IVF k-means on the GPU for any IVF variant.
+            ivf.clustering_index = faiss.index_cpu_to_gpu(GpuResources.get(0), 0, faiss.IndexFlatIP(ivf.d))
+            where = "gpu"
+        except Exception as e:
+            log(f"note: IVF training on the GPU is not available ({e}); training on the CPU")
+    t0 = time.perf_counter()
+    try:
+        index.train(vectors)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise LeafkdError(f"FAISS could not train the index ({msg})") from None
+    finally:
+        if where == "gpu":
+            with contextlib.suppress(Exception):
+                faiss.extract_index_ivf(index).clustering_index = None
+    log(f"trained on {len(vectors)} vectors on the {where.upper()} in {time.perf_counter() - t0:.1f}s")
+    return where
+
+
+def add_vectors(index, vectors: np.ndarray, keys: np.ndarray | None) -> None:
+    if keys is not None:
+        index.add_with_ids(vectors, keys.astype(np.int64))
+    else:
+        index.add(vectors)
+
+
+def supports_ids(index) -> bool:
+    """Whether the index stores explicit labels (IVF family) -- probed on an empty clone so nothing is touched."""
+    faiss = import_faiss()
+    try:
+        probe = faiss.clone_index(index)
+        if not probe.is_trained:
+            return ivf_nlist(index) is not None
+        probe.add_with_ids(np.zeros((1, index.d), dtype=np.float32), np.array([7], dtype=np.int64))
+        return True
+    except Exception:
+        return False
+
+

@@ -1,0 +1,172 @@
+"""Retrieval over a teacher-built index with queries embedded by a student (asymmetric), the teacher, or a student
+over its own index.
+
+The point of asymmetric retrieval: documents are embedded once by the large teacher, and each query costs only a
+small student forward pass plus a FAISS search. That only works if the student was trained into *this* teacher's
+space, so a student whose ``leafkd.json`` names another teacher is refused (unless explicitly overridden, for
+black-box teachers whose fingerprint cannot be checked).
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from leafkd.errors import LeafkdError
+from leafkd.retrieval.index import DocIndex, Hit, load_index
+from leafkd.retrieval.manifest import DEFAULT_INDEXES_DIR
+from leafkd.retrieval.query_encoder import QueryEncoder
+from leafkd.student.info import read_student_info
+
+MODES = ("asymmetric", "teacher", "student")
+
+
+def load_encoder(path: str | Path, prompt: str | None, device: str | None, dtype) -> QueryEncoder:
+    from leafkd.models import load_model, resolve_model
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    p = resolve_model(path)
+    return QueryEncoder(load_model(p, device=dev), prompt=prompt, device=dev, dtype=dtype, name=str(p))
+
+
+def check_student(student: str | Path, index: DocIndex, allow_mismatch: bool = False, warn=None) -> dict:
+    """Refuse a student that was not trained into the index's teacher space; returns its leafkd.json."""
+    warn = warn or (lambda m: print(m, file=sys.stderr))
+    info = read_student_info(student)
+    fp = info.get("teacher_fingerprint")
+    want = index.teacher_fingerprint
+    if index.accepts_fingerprint(fp):
+        return info
+    if not info:
+        problem = f"{student} is not a leafkd student (no leafkd.json), so its teacher cannot be checked"
+    elif not fp:
+        problem = f"{student}/leafkd.json has no teacher_fingerprint"
+    else:
+        problem = (f"the student {student} was trained for teacher {info.get('teacher')!r} (fingerprint {fp[:12]}), "
+                   f"but the index was built by {index.manifest.get('teacher')!r} (fingerprint {want[:12]})")
+    if not allow_mismatch:
+        raise LeafkdError(problem + "; its queries would land in another vector space "
+                          "(use --allow-fingerprint-mismatch only for a black-box teacher you know is the same)")
+    warn(f"warning: {problem}; continuing because the fingerprint check was overridden")
+    return info
+
+
+def check_model_built_index(model_path: str | Path, index: DocIndex, allow_mismatch: bool = False, warn=None) -> None:
+    """Refuse to query an index with a model that is not the one that embedded its documents."""
+    from leafkd.models import fingerprint, resolve_model
+
+    warn = warn or (lambda m: print(m, file=sys.stderr))
+    fp = fingerprint(resolve_model(model_path))
+    if fp == index.teacher_fingerprint:
+        return
+    problem = (f"{model_path} (fingerprint {fp[:12]}) is not the model that built the index "
+               f"({index.manifest.get('teacher')!r}, fingerprint {index.teacher_fingerprint[:12]})")
+    if not allow_mismatch:
+        raise LeafkdError(problem + " (use --allow-fingerprint-mismatch to override)")
+    warn(f"warning: {problem}; continuing because the fingerprint check was overridden")
+
+
+class Retriever:
+    """An index plus the encoder that embeds its queries."""
+
+    def __init__(self, index: DocIndex, encoder: QueryEncoder, mode: str = "asymmetric") -> None:
+        if mode not in MODES:
+            raise LeafkdError(f"unknown mode {mode!r} (use {', '.join(MODES)})")
+        if encoder.dim and encoder.dim != index.dim:
+            raise LeafkdError(f"the query encoder emits {encoder.dim}-d vectors, the index is {index.dim}-d")
+        self.index = index
+        self.encoder = encoder
+        self.mode = mode
+
+    @classmethod
+    def load(cls, index: str | Path | DocIndex, *, student: str | Path | None = None, teacher: str | Path | None = None,
+             mode: str = "asymmetric", indexes_dir: str | Path = DEFAULT_INDEXES_DIR, device: str | None = None,
+             dtype: str | torch.dtype | None = None, gpu: bool | None = None, fp16: bool | None = None,
+             shards: int = 1, allow_fingerprint_mismatch: bool = False, query_prompt: str | None = None,
+             verify: bool = True, warn=None) -> Retriever:
+        """Load an index and the encoder for ``mode``, checking they share one vector space.
+
+        - ``asymmetric``: queries by ``student``, whose leafkd.json teacher fingerprint must be the index's.
+        - ``teacher``: queries by ``teacher`` (default: the teacher recorded in the index), which must have built it.
+        - ``student``: queries by ``student`` over an index the student built itself.
+        """
+        if mode not in MODES:
+            raise LeafkdError(f"unknown mode {mode!r} (use {', '.join(MODES)})")
+        doc_index = index if isinstance(index, DocIndex) else load_index(index, indexes_dir, verify=verify, gpu=gpu,
+                                                                        fp16=fp16, shards=shards)
+        allow = allow_fingerprint_mismatch
+        if mode == "asymmetric":
+            if student is None:
+                raise LeafkdError("mode asymmetric needs a student model (--student)")
+            info = check_student(student, doc_index, allow, warn)
+            prompt = query_prompt if query_prompt is not None else info.get("query_prompt")
+            path = student
+        elif mode == "teacher":
+            path = teacher if teacher is not None else doc_index.manifest.get("teacher")
+            if path is None or not Path(str(path)).is_dir():
+                raise LeafkdError("mode teacher needs the teacher model folder (--teacher)")
+            check_model_built_index(path, doc_index, allow, warn)
+            prompt = query_prompt
+            if prompt is None:
+                prompt = doc_index.manifest.get("query_prompt")
+            if prompt is None and student is not None:
+                prompt = read_student_info(student).get("query_prompt")
+        else:
+            if student is None:
+                raise LeafkdError("mode student needs a student model (--student)")
+            check_model_built_index(student, doc_index, allow, warn)
+            prompt = query_prompt if query_prompt is not None else doc_index.manifest.get("query_prompt")
+            path = student
+        encoder = load_encoder(path, prompt, device, dtype)
+        return cls(doc_index, encoder, mode)
+
+    def warmup(self, freeze_gc: bool = False) -> None:
+        """Warm the encoder's shapes (and CUDA graphs) and the index; ``freeze_gc`` moves every object alive now
+        out of the garbage collector's scans (for servers: no long GC pauses in the query path)."""
+        if not getattr(self.encoder, "warm", True):
+            self.encoder.warmup()
+        self.search_vectors(self.embed(["warm up"]), min(10, max(self.index.count, 1)))
+        if freeze_gc:
+            gc.collect()
+            gc.freeze()
+
+    # -- queries
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Normalised query vectors (float32 [n, dim])."""
+        return self.encoder(list(texts))
+
+    def search_vectors(self, vectors: np.ndarray, top_k: int = 10) -> list[list[Hit]]:
+        return self.index.hits(vectors, top_k)
+
+    def search(self, queries: Sequence[str], top_k: int = 10) -> list[list[Hit]]:
+        """The ``top_k`` documents (id, score, title, text) of each query, best first."""
+        if isinstance(queries, str):
+            raise TypeError("search() takes a list of queries; wrap a single query in a list")
+        if top_k < 1:
+            raise LeafkdError(f"top_k must be at least 1, got {top_k}")
+        return self.search_vectors(self.embed(queries), top_k)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "encoder": self.encoder.name,
+            "encoder_device": str(self.encoder.device),
+            "encoder_dtype": str(self.encoder.dtype).replace("torch.", ""),
+            "encoder_fast_path": bool(getattr(self.encoder, "fast", False)),
+            "cuda_graphs": len(getattr(self.encoder, "_graphs", {})),
+            "cuda_graph_error": getattr(self.encoder, "graph_error", None),
+            "index": str(self.index.path),
+            "index_device": self.index.device,
+            "factory": self.index.manifest["factory"],
+            "documents": self.index.count,
+            "dim": self.index.dim,
+            "teacher": self.index.manifest.get("teacher"),
+        }
+
+

@@ -1,0 +1,317 @@
+"""Packed (unpadded) forward pass of a BERT- or MPNet-based SentenceTransformer.
+
+A padded batch spends compute on pad tokens and forces length-sorted batches to keep that waste low. Here the
+texts of a batch are concatenated into one row of T real tokens: every linear layer, layer norm and activation
+runs on exactly the real tokens, and attention runs per text. On CUDA with half-precision activations and no
+position bias (BERT, MiniLM) attention is flash attention over variable-length sequences
+(`torch.nn.attention.varlen.varlen_attn`, with backward). Elsewhere (MPNet's relative position bias, CPU, fp32)
+the queries, keys and values are scattered into a padded [texts, heads, longest, dim] view for one
+`scaled_dot_product_attention` call (memory-efficient kernel, with the bias as its mask) and gathered back, so
+only attention sees padding. (Flex attention over the packed row with a document block mask and the bias as a
+score modification was tried for MPNet and measured slower on an H100: see eval/BENCHMARKS.md.)
+
+The weights are the model's own modules' (nothing is copied), so training through this path updates the
+SentenceTransformer in place and the saved model is an ordinary one. The modules after Pooling (Dense,
+Normalize) run as they are. `supported(model)` says whether a model can take this path; callers fall back to
+the model's own forward otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leafkd.runtime.tokens import Tokenized
+
+_ARCHS = ("bert", "mpnet")
+
+
+def _padded_sdpa_backends() -> list | None:
+    """SDPA backends for the padded view: not cuDNN, which plans each new (texts, length) shape anew (hundreds of
+    milliseconds per shape, and every packed batch has a new shape) and wastes most of its tiles on short texts."""
+    try:
+        from torch.nn.attention import SDPBackend
+    except ImportError:  # pragma: no cover
+        return None
+    return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+
+def varlen_attention():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    return varlen_attn
+
+
+@dataclass
+class Packed:
+    """One packed batch: ids [T], position of each token in its text [T], and per-text layout.
+
+    A batch packed with a token bucket ends with filler tokens (ids of the pad token) that make T a multiple of
+    the bucket: they form one extra sequence in `cu_seqlens`, belong to no text (`seq_ids` N) and are never
+    pooled, so fixed shapes (one CUDA graph per bucket) cost no correctness.
+    """
+
+    ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    cu_seqlens: torch.Tensor  # int32 [N+1], or [N+2] with filler
+    pad_index: torch.Tensor  # int64 [N, L]: token index in 0..T-1, or T for padding
+    lengths: torch.Tensor  # float32 [N]
+    seq_ids: torch.Tensor  # int64 [T]: the text each token belongs to (N for filler)
+    max_len: int
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.ids, self.positions, self.cu_seqlens, self.pad_index, self.lengths, self.seq_ids
+
+    def to(self, device: torch.device, non_blocking: bool = True) -> Packed:
+        return Packed(*(t.to(device, non_blocking=non_blocking) for t in self._tensors()), self.max_len)
+
+    def pin_memory(self) -> Packed:
+        return Packed(*(t.pin_memory() for t in self._tensors()), self.max_len)
+
+    def copy_(self, other: Packed) -> Packed:
+        """Copy `other` (same shapes) into these tensors: the static inputs of a CUDA graph."""
+        for dst, src in zip(self._tensors(), other._tensors()):
+            dst.copy_(src, non_blocking=True)
+        return self
+
+    @property
+    def shape_key(self) -> tuple[int, ...]:
+        return (int(self.ids.shape[0]), int(self.cu_seqlens.shape[0]), *self.pad_index.shape, self.max_len)
+
+    @property
+    def num_texts(self) -> int:
+        return int(self.lengths.shape[0])
+
+
+def pack(tokens: Tokenized, index: np.ndarray, bucket: int = 0, width: int = 0, filler_id: int = 0) -> Packed:
+    """The texts `index` of `tokens`, concatenated in that order (vectorised; no per-text Python loop).
+
+    bucket > 0 pads the row with filler tokens to a multiple of `bucket` tokens; width > 0 fixes the padded
+    view's width (and max_len) at max(width, longest text). Both only fix shapes; the real tokens' results are
+    unchanged. The filler must fit one sequence of at most max_len tokens, so bucket <= width.
+    """
+    lengths = tokens.lengths[index].astype(np.int64)
+    n = len(index)
+    cu = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=cu[1:])
+    real = int(cu[-1])
+    starts = np.repeat(cu[:-1], lengths)
+    positions = np.arange(real, dtype=np.int64) - starts
+    src = np.repeat(tokens.offsets[index], lengths) + positions
+    ids = tokens.ids[src].astype(np.int64)
+    seq_ids = np.repeat(np.arange(n, dtype=np.int64), lengths)
+    max_len = max(int(lengths.max()) if n else 0, width)
+    total = real
+    if bucket > 0:
+        if bucket > max(max_len, 1):
+            raise ValueError(f"bucket {bucket} exceeds the longest sequence {max_len}")
+        total = -(-real // bucket) * bucket
+        fill = total - real
+        cu = np.append(cu, total)
+        ids = np.concatenate([ids, np.full(fill, filler_id, dtype=np.int64)])
+        positions = np.concatenate([positions, np.arange(fill, dtype=np.int64)])
+        seq_ids = np.concatenate([seq_ids, np.full(fill, n, dtype=np.int64)])
+    cols = np.arange(max_len, dtype=np.int64)
+    pad_index = np.where(cols[None, :] < lengths[:, None], cu[:n, None] + cols[None, :], total)
+    return Packed(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(cu.astype(np.int32)),
+                  torch.from_numpy(pad_index), torch.from_numpy(lengths.astype(np.float32)),
+                  torch.from_numpy(seq_ids), max_len)
+
+
+def _modules(model):
+    from leafkd.modules import Dense, Normalize, Pooling, Transformer
+
+    return Transformer, Pooling, (Dense, Normalize)
+
+
+def unsupported_reason(model) -> str | None:
+    """None when `model` can run packed; otherwise why not (one line)."""
+    Transformer, Pooling, after = _modules(model)
+    mods = list(model)
+    if len(mods) < 2 or not isinstance(mods[0], Transformer) or not isinstance(mods[1], Pooling):
+        return "the model is not Transformer + Pooling"
+    auto = mods[0].auto_model
+    cfg = auto.config
+    if cfg.model_type not in _ARCHS:
+        return f"architecture {cfg.model_type!r} (packed: {', '.join(_ARCHS)})"
+    if cfg.model_type == "bert" and getattr(cfg, "position_embedding_type", "absolute") != "absolute":
+        return "BERT with relative position embeddings"
+    pooling = mods[1].get_config_dict()
+    mode = pooling.get("pooling_mode")
+    mean_only = mode == "mean" or (mode is None and pooling.get("pooling_mode_mean_tokens")
+                                   and not any(v for k, v in pooling.items()
+                                               if k.startswith("pooling_mode_") and k != "pooling_mode_mean_tokens"))
+    if not mean_only:
+        return f"pooling {mode or pooling} (packed: mean)"
+    if pooling.get("include_prompt", True) is False:
+        return "pooling that excludes the prompt"
+    for m in mods[2:]:
+        if not isinstance(m, after):
+            return f"module {type(m).__name__} after pooling"
+    return None
+
+
+def supported(model) -> bool:
+    return unsupported_reason(model) is None
+
+
+class _MeanPool(torch.autograd.Function):
+    """Mean of each text's token rows, float32 [N, hidden].
+
+    Forward sums through the padded view (pad rows are zero), which is deterministic, unlike an atomic
+    scatter-add. Backward is a gather (each token gets its text's gradient / length); autograd's own backward
+    of the padded gather would be a sorting index_put, which took ~12% of a training step's GPU time.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pad_index: torch.Tensor, seq_ids: torch.Tensor, lengths: torch.Tensor):
+        ctx.save_for_backward(seq_ids, lengths)
+        ctx.dtype = x.dtype
+        padded = torch.cat([x, x.new_zeros(1, x.shape[1])])[pad_index]
+        return padded.float().sum(1) / lengths.clamp(min=1)[:, None]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        seq_ids, lengths = ctx.saved_tensors
+        per_text = grad / lengths.clamp(min=1)[:, None]
+        per_text = torch.cat([per_text, per_text.new_zeros(1, per_text.shape[1])])  # filler tokens (text N): 0
+        return per_text[seq_ids].to(ctx.dtype), None, None, None
+
+
+class PackedForward(nn.Module):
+    """`forward(packed) -> sentence embeddings [N, dim]` over the modules of a SentenceTransformer.
+
+    Holds the model as a submodule, so DistributedDataParallel can wrap this module and sync the model's
+    parameters; `model.train()`/`eval()` and dropout settings apply as usual.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"packed forward unsupported: {reason}")
+        self.model = model
+        self.auto = model[0].auto_model
+        self.arch = self.auto.config.model_type
+        self.heads = self.auto.config.num_attention_heads
+        self.varlen = varlen_attention()
+        # None picks per call (see _attention_kind); tests force "padded" or "varlen" to compare them.
+        self.attention: str | None = None
+        self.sdpa_backends: list | None = _padded_sdpa_backends()
+
+    def probe_batch(self, device: torch.device) -> Packed:
+        """A one-text, two-token batch (for probes such as finding parameters the forward never uses)."""
+        pad = self.model.tokenizer.pad_token_id or 0
+        return pack(Tokenized(np.full(2, pad, dtype=np.int32), np.array([0, 2])), np.array([0])).to(device)
+
+    # -- pieces ---------------------------------------------------------------------------------------------
+    def _embed(self, p: Packed) -> torch.Tensor:
+        emb = self.auto.embeddings
+        x = emb.word_embeddings(p.ids)
+        if self.arch == "mpnet":
+            # MPNet counts positions from padding_idx + 1 (create_position_ids_from_input_ids).
+            x = x + emb.position_embeddings(p.positions + emb.padding_idx + 1)
+        else:
+            x = x + emb.position_embeddings(p.positions)
+            x = x + emb.token_type_embeddings.weight[0]
+        return emb.dropout(emb.LayerNorm(x))
+
+    def _position_bias(self, p: Packed, dtype: torch.dtype) -> torch.Tensor | None:
+        if self.arch != "mpnet":
+            return None
+        enc = self.auto.encoder
+        pos = torch.arange(p.max_len, device=p.ids.device)
+        bucket = enc.relative_position_bucket(pos[None, :] - pos[:, None],
+                                              num_buckets=enc.relative_attention_bias.num_embeddings)
+        return enc.relative_attention_bias(bucket).permute(2, 0, 1).unsqueeze(0).to(dtype)  # [1, H, L, L]
+
+    def _attention_kind(self, x: torch.Tensor) -> str:
+        if self.attention is not None:
+            return self.attention
+        half = x.dtype != torch.float32 or torch.is_autocast_enabled("cuda")
+        if x.is_cuda and half and self.arch == "bert" and self.varlen is not None:
+            return "varlen"
+        return "padded"
+
+    def _attention_mask(self, p: Packed, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The padded path's mask, built once per forward: keys that are real tokens (+ MPNet's bias)."""
+        valid = (p.pad_index < p.ids.shape[0])[:, None, None, :]  # [N, 1, 1, L]
+        if bias is None:
+            return valid
+        return bias.to(dtype).masked_fill(~valid, float("-inf"))  # [N, H, L, L]
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Packed, kind: str,
+                   mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
+        """q, k, v: [T, H, D] -> [T, H, D], each text attending only to itself."""
+        if kind == "varlen" and dropout == 0.0 and q.dtype in (torch.float16, torch.bfloat16):
+            return self.varlen(q, k, v, p.cu_seqlens, p.cu_seqlens, p.max_len, p.max_len)
+        if mask is None:  # varlen chosen, but attention dropout (training) needs the padded view
+            mask = self._attention_mask(p, self._position_bias(p, q.dtype), q.dtype)
+        t, h, d = q.shape
+        zero = q.new_zeros(1, h, d)
+
+        def padded(x: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [N, H, L, D]
+            return torch.cat([x, zero])[p.pad_index].transpose(1, 2)
+
+        if mask.dtype != torch.bool and mask.dtype != q.dtype:  # e.g. CPU autocast
+            mask = mask.to(q.dtype)
+        backends = contextlib.nullcontext()
+        if q.is_cuda and self.sdpa_backends is not None:
+            from torch.nn.attention import sdpa_kernel
+
+            backends = sdpa_kernel(self.sdpa_backends)
+        with backends:
+            out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, dropout_p=dropout)
+        # Back to packed rows by gathering each token's (text, position) cell: no data-dependent shapes, no sync.
+        # Filler tokens (text N, see pack) read a real cell; their rows are never pooled and get no gradient.
+        n, length = p.pad_index.shape
+        return out.transpose(1, 2)[p.seq_ids.clamp(max=n - 1), p.positions.clamp(max=length - 1)]
+
+    def _layer(self, layer: nn.Module, x: torch.Tensor, p: Packed, kind: str, mask: torch.Tensor | None) -> torch.Tensor:
+        t = x.shape[0]
+        if self.arch == "mpnet":
+            att = layer.attention.attn
+            wq, wk, wv, wo = att.q, att.k, att.v, att.o
+            attn_norm, attn_drop, attn_p = layer.attention.LayerNorm, layer.attention.dropout, att.dropout.p
+        else:
+            att = layer.attention.self
+            wq, wk, wv = att.query, att.key, att.value
+            wo = layer.attention.output.dense
+            attn_norm, attn_drop = layer.attention.output.LayerNorm, layer.attention.output.dropout
+            attn_p = att.dropout.p
+        # One fused QKV projection instead of three (the concatenation is tiny next to the product).
+        qkv = F.linear(x, torch.cat([wq.weight, wk.weight, wv.weight]), torch.cat([wq.bias, wk.bias, wv.bias]))
+        q, k, v = qkv.view(t, 3, self.heads, -1).unbind(1)
+        out = self._attention(q, k, v, p, kind, mask, attn_p if self.auto.training else 0.0)
+        x = attn_norm(attn_drop(wo(out.reshape(t, -1))) + x)
+        inter = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
+        return layer.output.LayerNorm(layer.output.dropout(layer.output.dense(inter)) + x)
+
+    def token_embeddings(self, p: Packed) -> torch.Tensor:
+        """Last hidden states of the real tokens, [T, hidden]."""
+        x = self._embed(p)
+        kind = self._attention_kind(x)
+        mask = None  # the padded view's mask, built once per forward and shared by the layers
+        if kind == "padded":
+            dtype = (torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype)
+            mask = self._attention_mask(p, self._position_bias(p, dtype), dtype)
+        for layer in self.auto.encoder.layer:
+            x = self._layer(layer, x, p, kind, mask)
+        return x
+
+    def forward(self, p: Packed) -> torch.Tensor:
+        x = self.token_embeddings(p)
+        pooled = _MeanPool.apply(x, p.pad_index, p.seq_ids, p.lengths)
+        features = {"sentence_embedding": pooled.to(x.dtype) if x.dtype != torch.float32 else pooled}
+        for m in list(self.model)[2:]:
+            features = m(features)
+        return features["sentence_embedding"]
+
+

@@ -1,0 +1,20 @@
+"""Request limits of the search server and the API key header."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+API_KEY_HEADER = "X-API-Key"
+
+
+@dataclass
+class Limits:
+    """Request limits; anything beyond them is a 4xx."""
+
+    max_query_chars: int = 2048
+    max_queries: int = 256  # per request
+    max_top_k: int = 1000
+    max_body_bytes: int = 4 << 20
+    max_queue: int = 20_000  # queued queries before new requests get 503
+
+

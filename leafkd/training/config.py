@@ -1,0 +1,187 @@
+"""`TrainConfig`: every option of `train-embedder`, read from TOML and the command line, and validated."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from leafkd.errors import LeafkdError
+
+
+def _opt(default: Any, help: str, **kw) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `train-embedder`; a TOML file sets any of them, the command line overrides."""
+
+    teacher: str | None = _opt(None, "teacher model folder or installed name (omit with --teacher-vectors)")
+    data: list[str] = _opt([], "text sources PATH[#COLUMN][*WEIGHT]: .txt, .jsonl, .tsv or a BEIR folder (repeatable)")
+    vectors: str | None = _opt(None, "teacher-vector store folder (default: OUTPUT/teacher-vectors; captured if missing)")
+    teacher_vectors: str | None = _opt(None, "black-box teacher: .npy of vectors, row i for text i of --data")
+    student: str = _opt("all-MiniLM-L6-v2", "student base encoder: model folder or installed name")
+    student_layers: int | None = _opt(None, "keep only the first N layers of the student base")
+    projection: str = _opt("auto", "Dense projection to the teacher's dim: auto (when dims differ), always, none")
+    normalize: str = _opt("auto", "end the student with Normalize: auto (as the teacher), true, false")
+    query_prompt: str | None = _opt(None, "query prompt stored with the student (default: the teacher's 'query' prompt)")
+    max_seq_length: int | None = _opt(None, "student max tokens per text (default: the base's)")
+    output: str = _opt("runs/student", "run folder: checkpoints, metrics.jsonl, curves.png and model/")
+    max_texts: int | None = _opt(None, "use a seeded sample of this many unique texts")
+    heldout: int = _opt(2000, "texts held out for alignment metrics (never trained on)")
+    epochs: float = _opt(1.0, "passes over the training texts (fractions allowed)")
+    max_steps: int | None = _opt(None, "stop after this many optimiser steps (overrides epochs)")
+    batch_size: int = _opt(128, "texts per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per optimiser step")
+    lr: float = _opt(2e-4, "peak learning rate of the encoder")
+    projection_lr: float = _opt(1e-3, "peak learning rate of the projection layer")
+    warmup: float = _opt(0.05, "warm-up fraction of the steps")
+    weight_decay: float = _opt(0.01, "AdamW weight decay")
+    clip: float = _opt(1.0, "gradient norm clip (0: off)")
+    dropout: float = _opt(0.0, "dropout inside the student (0 makes training deterministic)")
+    leaf_l2: float = _opt(1.0, "weight of LEAF's squared-L2 loss")
+    mse: float = _opt(0.0, "weight of the per-dimension MSE loss")
+    cosine: float = _opt(0.0, "weight of the 1 - cosine loss")
+    lelp: float = _opt(0.0, "weight of the LELP pseudo-subclass projection loss")
+    lelp_classes: int = _opt(32, "LELP pseudo-classes (k-means on teacher vectors)")
+    lelp_subclasses: int = _opt(8, "LELP principal directions (pseudo-subclasses) per class")
+    lelp_temperature: float = _opt(0.05, "LELP softmax temperature")
+    relational: float = _opt(0.0, "weight of the in-batch relational KL loss")
+    relational_temperature: float = _opt(0.05, "relational softmax temperature")
+    bank: float = _opt(0.0, "weight of the relational KL loss against a fixed bank of teacher vectors: the student "
+                       "should rank the bank as the teacher does (for asymmetric retrieval, the index's documents)")
+    bank_data: list[str] = _opt([], "sources (as --data, repeatable) whose texts' teacher vectors form the bank; each "
+                                "text must be training data too (default: a sample of the training texts)")
+    bank_size: int = _opt(65536, "at most this many bank vectors (a seeded sample beyond it; without --bank-data, "
+                          "sampled from the training texts): the loss scores every batch text against all of them")
+    bank_temperature: float = _opt(0.05, "bank relational softmax temperature")
+    ridge_alpha: float = _opt(1e-2, "relative ridge penalty of the projection warm start")
+    ridge_samples: int = _opt(20000, "texts used to fit the ridge warm start")
+    select: str = _opt("none", "teacher-guided data selection: none, subset (train on a chosen subset) or reweight "
+                       "(sample texts by student-teacher gap); see docs/selection.md")
+    select_fraction: float = _opt(0.5, "subset: fraction of the training pool (after drops) to keep")
+    select_size: int | None = _opt(None, "subset: number of texts to keep (overrides --select-fraction)")
+    select_temperature: float = _opt(1.0, "difficulty preference (gap / mean gap) ** (1/T); large T is uniform")
+    select_diversity: float = _opt(0.5, "cluster balance: share of cluster c scales with n_c ** -D (0: none, 1: equal-size clusters)")
+    select_max_weight: float = _opt(4.0, "reweight: clip each text's weight factor to [1/M, M]")
+    select_clusters: int = _opt(256, "k-means clusters of teacher vectors for diversity and dedup")
+    select_refresh_every: int = _opt(0, "re-score and re-select every N steps, applied from the next epoch (0: once after the warm start)")
+    select_score_texts: int = _opt(50000, "score a seeded sample of at most N pool texts per round (0: all); others get their cluster's mean")
+    dedup_threshold: float = _opt(0.98, "selection drops near-duplicates with teacher cosine >= this (1.0: off)")
+    drop_degenerate: bool = _opt(True, "drop training texts that are empty after tokenisation or have zero-norm/outlier teacher vectors")
+    eval_every: int = _opt(200, "held-out evaluation every N steps (0: only at the start and end)")
+    log_every: int = _opt(20, "training log line every N steps")
+    checkpoint_every: int = _opt(500, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _opt(2, "checkpoints kept on disk")
+    resume: bool = _opt(True, "resume from the latest checkpoint in OUTPUT")
+    seed: int = _opt(0, "seed for sampling, held-out split and initialisation")
+    device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
+    precision: str = _opt("auto", "bf16 autocast on CUDA, fp32 on CPU (auto), or force bf16/fp32")
+    compile: str = _opt("auto", "torch.compile the student's forward: auto (packed training on CUDA, where it fuses "
+                        "the small kernels: ~9x the eager step rate on an H100), true, false")
+    packed: str = _opt("auto", "unpadded batches: each batch's texts concatenated, attention per text, batches drawn at "
+                       "random instead of grouped by length (auto: when the student is BERT/MPNet with mean pooling; "
+                       "true; false: padded, length-grouped batches)")
+    cuda_graphs: str = _opt("auto", "replay each packed training step as a CUDA graph (one per token bucket): auto (packed "
+                            "training with flash attention on one CUDA device, grad_accum 1), true, false")
+    capture_batch_tokens: int | None = _opt(None, "token budget per teacher batch when capturing")
+    plot: bool = _opt(True, "write curves.png")
+    progress: bool = _opt(True, "show progress bars")
+
+    # Options that do not change the result: a resumed run may change them.
+    RESUME_FREE = ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "resume", "plot", "progress",
+                   "device", "max_steps", "epochs", "compile", "cuda_graphs")
+
+    # Selection options (issue 8) enter the key only where they change the run: off their defaults, and the
+    # select_* ones only when selection is on (so keys of runs from before selection existed are unchanged).
+    SELECTION = ("select", "select_fraction", "select_size", "select_temperature", "select_diversity",
+                 "select_max_weight", "select_clusters", "select_refresh_every", "select_score_texts",
+                 "dedup_threshold", "drop_degenerate")
+
+    # Bank loss options enter the key only when the loss is on (keys of runs from before it existed are unchanged).
+    BANK = ("bank", "bank_data", "bank_size", "bank_temperature")
+
+    def result_key(self) -> str:
+        d = {k: v for k, v in asdict(self).items() if k not in self.RESUME_FREE}
+        defaults = {f.name: f.default for f in fields(self) if f.name in self.SELECTION}
+        for k in self.SELECTION:
+            if d[k] == defaults[k] or (self.select == "none" and k != "drop_degenerate"):
+                del d[k]
+        if self.bank == 0:
+            for k in self.BANK:
+                del d[k]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a TOML file (top level or a [train] table) with keyword overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        import tomllib
+
+        path = Path(path)
+        if not path.exists():
+            raise LeafkdError(f"{path}: no such config file")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise LeafkdError(f"{path}: malformed TOML ({e})") from None
+        values.update(raw.get("train", raw))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise LeafkdError(f"unknown option(s) {', '.join(unknown)} in {path or 'overrides'}")
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.teacher is None and cfg.teacher_vectors is None and cfg.vectors is None:
+        raise LeafkdError("give a teacher (--teacher), a vector store (--vectors) or black-box vectors (--teacher-vectors)")
+    if not cfg.data and cfg.vectors is None:
+        raise LeafkdError("no training data: give --data (or --vectors of an existing store)")
+    for name in ("batch_size", "grad_accum"):
+        if getattr(cfg, name) < 1:
+            raise LeafkdError(f"{name} must be >= 1")
+    if cfg.lr <= 0 or cfg.projection_lr <= 0:
+        raise LeafkdError("learning rates must be > 0")
+    if cfg.heldout < 10:
+        raise LeafkdError("heldout must be >= 10")
+    if cfg.projection not in ("auto", "always", "none"):
+        raise LeafkdError(f"projection must be auto, always or none, not {cfg.projection!r}")
+    if str(cfg.normalize).lower() not in ("auto", "true", "false"):
+        raise LeafkdError(f"normalize must be auto, true or false, not {cfg.normalize!r}")
+    weights = [cfg.leaf_l2, cfg.mse, cfg.cosine, cfg.lelp, cfg.relational, cfg.bank]
+    if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+        raise LeafkdError("loss weights must be >= 0 with at least one > 0")
+    from leafkd.training.selection import SELECT_MODES
+
+    if cfg.select not in SELECT_MODES:
+        raise LeafkdError(f"select must be one of {', '.join(SELECT_MODES)}, not {cfg.select!r}")
+    if not 0 < cfg.select_fraction <= 1 or (cfg.select_size is not None and cfg.select_size < 1):
+        raise LeafkdError("select_fraction must be in (0, 1] and select_size >= 1")
+    if cfg.select_temperature <= 0 or cfg.select_max_weight < 1 or cfg.select_diversity < 0:
+        raise LeafkdError("select_temperature must be > 0, select_max_weight >= 1, select_diversity >= 0")
+    if cfg.select_clusters < 1 or cfg.select_refresh_every < 0 or cfg.select_score_texts < 0:
+        raise LeafkdError("select_clusters must be >= 1, select_refresh_every and select_score_texts >= 0")
+    if str(cfg.compile).lower() not in ("auto", "true", "false"):
+        raise LeafkdError(f"compile must be auto, true or false, not {cfg.compile!r}")
+    if str(cfg.cuda_graphs).lower() not in ("auto", "true", "false"):
+        raise LeafkdError(f"cuda_graphs must be auto, true or false, not {cfg.cuda_graphs!r}")
+    if str(cfg.packed).lower() not in ("auto", "true", "false"):
+        raise LeafkdError(f"packed must be auto, true or false, not {cfg.packed!r}")
+    if cfg.bank > 0 and (cfg.bank_size < 2 or cfg.bank_temperature <= 0):
+        raise LeafkdError("bank_size must be >= 2 and bank_temperature > 0")
+    if cfg.bank_data and cfg.bank == 0:
+        raise LeafkdError("--bank-data is set but the bank loss is off: give it a weight with --bank")
+    if not 0 < cfg.dedup_threshold <= 1:
+        raise LeafkdError("dedup_threshold must be in (0, 1] (1: no dedup)")
+
+

@@ -1,0 +1,97 @@
+"""The library's shape (issue 17): small modules and functions, no import cycle, no private name across modules."""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+LIB = Path(__file__).resolve().parents[1] / "leafkd"
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+
+
+def _modules() -> dict[str, ast.Module]:
+    out = {}
+    for path in sorted(LIB.rglob("*.py")):
+        parts = list(path.relative_to(LIB.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    return out
+
+
+MODULES = _modules()
+
+
+def test_modules_and_functions_are_small():
+    big = []
+    for name, tree in MODULES.items():
+        lines = max((getattr(n, "end_lineno", 0) or 0) for n in ast.walk(tree))
+        if lines > MAX_MODULE_LINES:
+            big.append(f"module {name}: {lines} lines")
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                size = node.end_lineno - node.lineno + 1
+                if size > MAX_FUNCTION_LINES:
+                    big.append(f"function {name}.{node.name} (line {node.lineno}): {size} lines")
+    assert not big, "\n".join(big)
+
+
+def _imported(tree: ast.Module, name: str, top_level_only: bool) -> set[str]:
+    """leafkd modules that `name` imports (at module level, or anywhere)."""
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    out = set()
+    for node in nodes:
+        if isinstance(node, ast.If):  # `if TYPE_CHECKING:` blocks do not run
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("leafkd"):
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                out.add(full if full in MODULES else node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("leafkd"))
+    return {m for m in out if m in MODULES and m != name}
+
+
+def test_no_import_cycle_between_modules():
+    graph = {name: _imported(tree, name, top_level_only=True) for name, tree in MODULES.items()}
+    # A package's __init__ re-exports its modules: importing it means importing them.
+    state: dict[str, int] = defaultdict(int)  # 0 new, 1 on the stack, 2 done
+    stack: list[str] = []
+    cycles = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state[nxt] == 1 and not nxt.startswith(node) and not node.startswith(nxt):
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif state[nxt] == 0:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for name in graph:
+        if state[name] == 0:
+            visit(name)
+    assert not cycles, "\n".join(cycles)
+
+
+def test_no_private_name_is_imported_across_modules():
+    bad = []
+    for name, tree in MODULES.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("leafkd"):
+                bad += [f"{name} imports {node.module}.{a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, "\n".join(bad)
+
+
+def test_public_api_is_exported():
+    import leafkd
+
+    for name in ("capture", "VectorStore", "build_student", "TrainConfig", "train", "build_index", "load_index",
+                 "Retriever", "run_evaluation", "LeafkdError"):
+        assert getattr(leafkd, name) is not None, name
+        assert name in leafkd.__all__
