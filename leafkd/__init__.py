@@ -12,15 +12,16 @@ import importlib
 import os
 from typing import TYPE_CHECKING, Any
 
+from leafkd.errors import LeafkdError
+
 # Never reach the Hugging Face hub: every model is a local folder (see leafkd.models).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 __version__ = "0.2.0"
 
-from leafkd.errors import LeafkdError  # noqa: E402
-
-# name -> the module that defines it
+# The public API: name -> the module that defines it, imported on first use (torch and sentence-transformers load
+# only then).
 _PUBLIC = {
     "capture": "leafkd.capture.teacher",
     "VectorStore": "leafkd.capture.store",
@@ -47,11 +48,16 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use (PEP 562)."""
     if name in _PUBLIC:
         value = getattr(importlib.import_module(_PUBLIC[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'leafkd' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})
 
 
 __all__ = ["LeafkdError", "Retriever", "TrainConfig", "VectorStore", "__version__", "build_index", "build_student",

@@ -1,3 +1,5 @@
+"""`python -m leafkd`: the leafkd command."""
+
 import sys
 
 from leafkd.cli import main

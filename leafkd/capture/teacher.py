@@ -1,17 +1,23 @@
 """Teacher capture: embed a corpus with the teacher once and keep the vectors on disk.
 
 Resumable by construction: texts are deduplicated and taken in a fixed order, cut into shards of
-`shard_size`, and each shard is committed whole (see leafkd.store). A rerun after a kill skips every text
-whose hash is already stored and recomputes only the shard that was in flight, with the same batches, so it
-produces the same vectors as an uninterrupted run.
+`shard_size`, and each shard is committed whole (see leafkd.capture.store). A rerun after a kill skips every
+text whose hash is already stored and recomputes only the shard that was in flight, with the same batches, so
+it produces the same vectors as an uninterrupted run.
+
+Under torchrun the shards are split over the ranks (see `_capture_distributed`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,18 +26,50 @@ from leafkd import atomic
 from leafkd.capture.store import VectorStore
 from leafkd.data.sources import Corpus, text_hash
 from leafkd.errors import LeafkdError
-from leafkd.models import blackbox_fingerprint, fingerprint, load_model, resolve_model
-from leafkd.runtime import distributed as dist_
-from leafkd.runtime.devices import pick_device
+from leafkd.models import blackbox_fingerprint, embedding_dimension, fingerprint, load_model, resolve_model
+from leafkd.runtime import distributed
+from leafkd.runtime.devices import DType, pick_device
 from leafkd.runtime.encode import encode
 from leafkd.runtime.tokens import max_seq_length
+from leafkd.vectors import normalize as l2_normalize
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+    from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+PENDING = ".pending"  # per-shard completion records of a distributed capture, merged into the manifest at the end
+
+
+@dataclass
+class _ShardEncoder:
+    """The teacher and how it embeds: one shard's texts -> float32 vectors (checked finite) and a truncation count."""
+
+    model: SentenceTransformer
+    prompt: str | None
+    normalize: bool
+    batch_tokens: int | None
+    device: torch.device
+    dtype: DType | str | None
+    compile: bool = False
+
+    def __call__(self, texts: list[str], progress: Callable[[int], None] | None) -> tuple[np.ndarray, int]:
+        stats: dict[str, int] = {}
+        vecs = encode(self.model, texts, prompt=self.prompt, batch_tokens=self.batch_tokens, device=self.device,
+                      dtype=self.dtype, progress=progress, stats=stats, compile=self.compile)
+        if self.normalize:
+            vecs = l2_normalize(vecs, copy=False)
+        if not np.isfinite(vecs).all():
+            raise LeafkdError("the teacher produced non-finite vectors; check the model and precision")
+        return vecs, stats["truncated"]
 
 
 def _hash_matrix(texts: list[str]) -> np.ndarray:
     return np.frombuffer(b"".join(text_hash(t) for t in texts), dtype=np.uint8).reshape(-1, 16)
 
 
-def _open_or_create(out: Path, fp: str, dim: int, meta: dict) -> VectorStore:
+def _open_or_create(out: Path, fp: str, dim: int, meta: dict[str, Any]) -> VectorStore:
     if (out / "manifest.json").exists():
         store = VectorStore.open(out)
         if store.fingerprint != fp:
@@ -43,35 +81,29 @@ def _open_or_create(out: Path, fp: str, dim: int, meta: dict) -> VectorStore:
     return VectorStore.create(out, fp, dim, **meta)
 
 
-def _embed_shard(model, texts: list[str], prompt: str | None, normalize: bool, batch_tokens: int | None,
-                 dev: torch.device, dtype: str | None, bar, compile: bool = False) -> tuple[np.ndarray, int]:
-    """One shard's float32 teacher vectors (checked finite, optionally normalised) and its truncation count."""
-    stats: dict = {}
-    vecs = encode(model, texts, prompt=prompt, batch_tokens=batch_tokens, device=dev, dtype=dtype,
-                  progress=bar.update if bar else None, stats=stats, compile=compile)
-    n_trunc = stats["truncated"]
-    if normalize:
-        vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
-    if not np.isfinite(vecs).all():
-        raise LeafkdError("the teacher produced non-finite vectors; check the model and precision")
-    return vecs, n_trunc
-
-
 def _remaining(store: VectorStore, corpus_texts: list[str]) -> list[str]:
     done = {bytes(h) for h in store.hashes()}
     return [t for t in corpus_texts if text_hash(t) not in done] if done else list(corpus_texts)
 
 
+def _progress_bar(show: bool, total: int, initial: int = 0, desc: str = "capture") -> tqdm | None:
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="text", smoothing=0.05)
+
+
 def capture(teacher: str | Path, corpus: Corpus, out: str | Path, *, prompt: str | None = None,
             normalize: bool = False, shard_size: int = 65536, batch_tokens: int | None = None,
-            device: str | None = None, dtype: str | None = None, show_progress: bool = True,
-            model=None, compile: bool = False) -> VectorStore:
+            device: str | None = None, dtype: DType | str | None = None, show_progress: bool = True,
+            model: SentenceTransformer | None = None, compile: bool = False) -> VectorStore:
     """Embed `corpus` with the teacher into a vector store at `out` (resuming one that is there).
 
     Under `torchrun` (WORLD_SIZE > 1) the shards are split over the ranks; see `_capture_distributed`.
     """
     out = Path(out)
-    dist_.init_from_env(device)
+    distributed.init_from_env(device)
     teacher_path = resolve_model(teacher)
     fp = fingerprint(teacher_path, prompt=prompt, normalize=normalize)
     dev = pick_device(device)
@@ -79,24 +111,23 @@ def capture(teacher: str | Path, corpus: Corpus, out: str | Path, *, prompt: str
         model = load_model(teacher_path, device=str(dev))
         if dev.type == "cuda":
             model.to(torch.bfloat16)  # a capture-only copy: half-precision weights, no autocast overhead
-    dim = (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)()
+    dim = embedding_dimension(model)
+    if not dim:
+        raise LeafkdError(f"{teacher_path}: the model does not state its embedding dimension")
     meta = {"teacher": str(teacher_path), "prompt": prompt, "normalize": normalize,
             "max_seq_length": max_seq_length(model), "truncated": 0}
-    if dist_.world_size() > 1:
-        return _capture_distributed(model, corpus, out, fp, dim, meta, prompt=prompt, normalize=normalize,
-                                    shard_size=shard_size, batch_tokens=batch_tokens, dev=dev, dtype=dtype, compile=compile,
+    embed = _ShardEncoder(model, prompt, normalize, batch_tokens, dev, dtype, compile)
+    if distributed.world_size() > 1:
+        return _capture_distributed(embed, corpus, out, fp, dim, meta, shard_size=shard_size,
                                     show_progress=show_progress)
     store = _open_or_create(out, fp, dim, meta)
     todo = _remaining(store, corpus.texts)
     if not todo:
         store.update(complete=True)
         return store
-    bar = None
-    if show_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(corpus.texts), initial=len(corpus.texts) - len(todo), desc="capture", unit="text",
-                   smoothing=0.05)
+    if store.count:
+        logger.info("%s: resuming a capture of %d texts; %d left to embed", out, len(corpus.texts), len(todo))
+    bar = _progress_bar(show_progress, len(corpus.texts), initial=len(corpus.texts) - len(todo))
     truncated = int(store.manifest.get("truncated", 0))
     try:
         for start in range(0, len(todo), shard_size):
@@ -111,7 +142,7 @@ def capture(teacher: str | Path, corpus: Corpus, out: str | Path, *, prompt: str
                         bar.update(len(texts))
                     continue
                 (out / PENDING / f"shard-{k:05d}.json").unlink(missing_ok=True)  # stale: shard k is rewritten
-            vecs, n_trunc = _embed_shard(model, texts, prompt, normalize, batch_tokens, dev, dtype, bar, compile)
+            vecs, n_trunc = embed(texts, bar.update if bar is not None else None)
             truncated += n_trunc
             store.append(vecs.astype(np.float16), texts, _hash_matrix(texts))
             store.update(truncated=truncated)
@@ -123,27 +154,25 @@ def capture(teacher: str | Path, corpus: Corpus, out: str | Path, *, prompt: str
 
 
 # -- distributed capture -------------------------------------------------------------------------------------
-PENDING = ".pending"  # per-shard completion records of a distributed capture, merged into the manifest at the end
-
-
 def _chunk_digest(hashes: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(hashes).tobytes()).hexdigest()
 
 
-def _pending(out: Path, k: int, digest: str) -> dict | None:
+def _pending(out: Path, k: int, digest: str) -> dict[str, Any] | None:
     """The completion record of shard k if a rank finished exactly this chunk of texts (files present)."""
     path = out / PENDING / f"shard-{k:05d}.json"
     try:
         rec = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if rec.get("digest") != digest or not all((out / rec["entry"][key]).exists() for key in ("vectors", "texts", "hashes")):
+    files = [out / rec["entry"][key] for key in ("vectors", "texts", "hashes")]
+    if rec.get("digest") != digest or not all(f.exists() for f in files):
         return None
     return rec
 
 
-def _capture_distributed(model, corpus: Corpus, out: Path, fp: str, dim: int, meta: dict, *, prompt, normalize,
-                         shard_size, batch_tokens, dev, dtype, show_progress, compile=False) -> VectorStore:
+def _capture_distributed(embed: _ShardEncoder, corpus: Corpus, out: Path, fp: str, dim: int, meta: dict[str, Any], *,
+                         shard_size: int, show_progress: bool) -> VectorStore:
     """Capture with every torchrun rank: the same shards as one process, shard k embedded by rank k % world.
 
     All ranks cut the remaining texts into the same `shard_size` chunks (corpus order minus stored hashes).
@@ -152,22 +181,18 @@ def _capture_distributed(model, corpus: Corpus, out: Path, fp: str, dim: int, me
     are done, rank 0 lists the new shards in shard order with one atomic manifest write, so the store is the
     one a single process writes (same texts order; same vectors where the math is deterministic).
     """
-    world, r = dist_.world_size(), dist_.rank()
+    world, r = distributed.world_size(), distributed.rank()
     if r == 0:
         store = _open_or_create(out, fp, dim, meta)
-    dist_.barrier()
+    distributed.barrier()
     if r != 0:
         store = _open_or_create(out, fp, dim, meta)
     todo = _remaining(store, corpus.texts)
     k0 = len(store.manifest["shards"])
     starts = list(range(0, len(todo), shard_size))
     mine = [(k0 + j, start) for j, start in enumerate(starts) if (k0 + j) % world == r]
-    bar = None
-    if show_progress and r == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(len(todo[s : s + shard_size]) for _, s in mine), desc=f"capture (rank 0 of {world})",
-                   unit="text", smoothing=0.05)
+    bar = _progress_bar(show_progress and r == 0, sum(len(todo[s : s + shard_size]) for _, s in mine),
+                        desc=f"capture (rank 0 of {world})")
     try:
         for k, start in mine:
             texts = todo[start : start + shard_size]
@@ -177,14 +202,14 @@ def _capture_distributed(model, corpus: Corpus, out: Path, fp: str, dim: int, me
                 if bar is not None:
                     bar.update(len(texts))
                 continue
-            vecs, n_trunc = _embed_shard(model, texts, prompt, normalize, batch_tokens, dev, dtype, bar, compile)
+            vecs, n_trunc = embed(texts, bar.update if bar is not None else None)
             entry = store.write_shard(k, vecs.astype(np.float16), texts, hashes)
             atomic.write_json(out / PENDING / f"shard-{k:05d}.json",
                               {"entry": entry, "digest": digest, "truncated": int(n_trunc), "rank": r})
     finally:
         if bar is not None:
             bar.close()
-    dist_.barrier()
+    distributed.barrier()
     if r == 0:
         entries, truncated = [], int(store.manifest.get("truncated", 0))
         for j, start in enumerate(starts):
@@ -195,26 +220,28 @@ def _capture_distributed(model, corpus: Corpus, out: Path, fp: str, dim: int, me
             truncated += int(rec["truncated"])
         store.add_shards(entries, truncated=truncated, complete=True)
         shutil.rmtree(out / PENDING, ignore_errors=True)
-    dist_.barrier()
+    distributed.barrier()
     return VectorStore.open(out)
 
 
+# -- black-box teachers --------------------------------------------------------------------------------------
 def capture_blackbox(corpus_texts: list[str], vectors_path: str | Path, out: str | Path, *,
                      normalize: bool = False, shard_size: int = 65536) -> VectorStore:
     """Store precomputed teacher vectors (a black-box teacher): row i of the .npy embeds text i.
 
     Under torchrun rank 0 writes the store (no model runs: it is I/O) while the others wait, then open it.
     """
-    if dist_.world_size() == 1:
-        return _capture_blackbox(corpus_texts, vectors_path, out, normalize=normalize, shard_size=shard_size)
-    store = _capture_blackbox(corpus_texts, vectors_path, out, normalize=normalize, shard_size=shard_size) \
-        if dist_.is_main() else None
-    dist_.barrier()
+    if distributed.world_size() == 1:
+        return _store_blackbox(corpus_texts, vectors_path, out, normalize=normalize, shard_size=shard_size)
+    store = None
+    if distributed.is_main():
+        store = _store_blackbox(corpus_texts, vectors_path, out, normalize=normalize, shard_size=shard_size)
+    distributed.barrier()
     return store if store is not None else VectorStore.open(out)
 
 
-def _capture_blackbox(corpus_texts: list[str], vectors_path: str | Path, out: str | Path, *,
-                      normalize: bool = False, shard_size: int = 65536) -> VectorStore:
+def _store_blackbox(corpus_texts: list[str], vectors_path: str | Path, out: str | Path, *,
+                    normalize: bool = False, shard_size: int = 65536) -> VectorStore:
     vectors_path = Path(vectors_path)
     if not vectors_path.exists():
         raise LeafkdError(f"{vectors_path}: no such file")
@@ -242,7 +269,7 @@ def _capture_blackbox(corpus_texts: list[str], vectors_path: str | Path, out: st
         if not np.isfinite(block).all():
             raise LeafkdError(f"{vectors_path}: non-finite values among rows {idx[0]}..{idx[-1]}")
         if normalize:
-            block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+            block = l2_normalize(block, copy=False)
         texts = [corpus_texts[i] for i in idx]
         store.append(block.astype(np.float16), texts, _hash_matrix(texts))
     store.update(complete=True)
@@ -254,8 +281,7 @@ def check_store_for_teacher(store: VectorStore, teacher: str | Path, prompt: str
     """Refuse stored vectors that another teacher (or another prompt/normalisation) produced."""
     fp = fingerprint(resolve_model(teacher), prompt=prompt, normalize=normalize)
     if store.fingerprint != fp:
-        raise LeafkdError(f"{store.path}: vectors from teacher {store.fingerprint[:12]}, but the teacher given is {fp[:12]}")
+        raise LeafkdError(f"{store.path}: vectors from teacher {store.fingerprint[:12]}, "
+                          f"but the teacher given is {fp[:12]}")
     if dim is not None and store.dim != dim:
         raise LeafkdError(f"{store.path}: vectors are {store.dim}-d, the teacher emits {dim}-d")
-
-

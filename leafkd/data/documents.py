@@ -49,7 +49,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 raise LeafkdError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
 
 
-def jsonl_records(path: Path, required: tuple[str, ...]) -> list[dict]:
+def jsonl_records(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
     """JSON objects of a file (BEIR's queries.jsonl), each with the `required` keys; ``_id`` becomes a string."""
     if not path.exists():
         raise LeafkdError(f"{path}: no such file")
@@ -122,8 +122,8 @@ def read_documents(path: str | Path, *, field: str = "text", require_ids: bool =
         if path.suffix == ".jsonl":
             docs = list(_jsonl_documents(path, field, require_ids, new_id))
         elif path.suffix in (".txt", ""):
-            with open(path, encoding="utf-8") as f:
-                docs = [Document(new_id(), "", line.strip()) for line in f.read().splitlines() if keep_empty or line.strip()]
+            lines = path.read_text(encoding="utf-8").splitlines()
+            docs = [Document(new_id(), "", line.strip()) for line in lines if keep_empty or line.strip()]
         else:
             raise LeafkdError(f"{path}: unknown corpus format {path.suffix!r} (use a BEIR folder, .jsonl or .txt)")
     except UnicodeDecodeError as e:
@@ -138,6 +138,10 @@ def read_documents(path: str | Path, *, field: str = "text", require_ids: bool =
 def check_unique_ids(docs: list[Document], where: str | Path) -> None:
     """A one-line error when two documents share an id (an index maps each id to one row)."""
     seen: set[str] = set()
-    dups = [d.id for d in docs if d.id in seen or seen.add(d.id)]  # type: ignore[func-returns-value]
+    dups: list[str] = []
+    for d in docs:
+        if d.id in seen:
+            dups.append(d.id)
+        seen.add(d.id)
     if dups:
         raise LeafkdError(f"{where}: duplicate document ids ({', '.join(dups[:5])}{', ...' if len(dups) > 5 else ''})")

@@ -15,14 +15,17 @@ from __future__ import annotations
 import csv
 import hashlib
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from leafkd.data.documents import corpus_file, join_title, read_documents
 from leafkd.errors import LeafkdError
 
+# A TSV cell may hold a whole document: lift the csv module's default field limit (131072 characters).
 csv.field_size_limit(sys.maxsize)
 
 
@@ -35,7 +38,7 @@ class Source:
     weight: float = 1.0
 
     @classmethod
-    def parse(cls, spec: str | Source | dict) -> Source:
+    def parse(cls, spec: str | Source | dict[str, Any]) -> Source:
         """Parse ``PATH[#COLUMN][*WEIGHT]`` (or a TOML table with path/column/weight)."""
         if isinstance(spec, Source):
             return spec
@@ -64,11 +67,8 @@ def text_hash(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-
-
-
-
 def _read_tsv(path: Path, column: str | None) -> list[str]:
+    """A column of a TSV file: named (the file has a header; default ``text``) or 1-based (no header)."""
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         if column is not None and column.isdigit():
@@ -94,8 +94,6 @@ def _read_tsv(path: Path, column: str | None) -> list[str]:
                 raise LeafkdError(f"{path}:{lineno}: has {len(row)} columns, column {idx + 1} wanted")
             out.append(row[idx])
         return out
-
-
 
 
 def read_texts(source: Source | str) -> list[str]:
@@ -126,20 +124,21 @@ class Corpus:
 
     texts: list[str]
     weights: np.ndarray
-    sources: list[dict] = field(default_factory=list)
+    sources: list[dict[str, Any]] = field(default_factory=list)  # per source: path, column, weight, texts
 
     def __len__(self) -> int:
         return len(self.texts)
 
 
-def load_corpus(sources: list, max_texts: int | None = None, seed: int = 0) -> Corpus:
+def load_corpus(sources: Sequence[str | Source | dict[str, Any]], max_texts: int | None = None,
+                seed: int = 0) -> Corpus:
     """Read, deduplicate and weight several sources; optionally keep a seeded sample of `max_texts`."""
     if not sources:
         raise LeafkdError("no data sources given")
     index: dict[str, int] = {}
     texts: list[str] = []
     weights: list[float] = []
-    info = []
+    info: list[dict[str, Any]] = []
     for spec in sources:
         source = Source.parse(spec)
         items = read_texts(source)
@@ -160,5 +159,3 @@ def load_corpus(sources: list, max_texts: int | None = None, seed: int = 0) -> C
         texts = [texts[i] for i in keep]
         w = w[keep]
     return Corpus(texts, w, info)
-
-

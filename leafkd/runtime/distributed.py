@@ -19,8 +19,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-_backend: str | None = None
-
 
 def env_world_size() -> int:
     try:
@@ -35,7 +33,6 @@ def init_from_env(device: str | None = None) -> bool:
     ``device`` is the user's device option: "cpu" forces the gloo backend even where CUDA is present.
     Idempotent: a second call (or a group initialised by the caller) is left as it is.
     """
-    global _backend
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size() > 1
     if env_world_size() <= 1 or not dist.is_available():
@@ -49,7 +46,6 @@ def init_from_env(device: str | None = None) -> bool:
     if backend == "nccl":
         kwargs["device_id"] = torch.device("cuda", local_rank())
     dist.init_process_group(**kwargs)
-    _backend = backend
     return dist.get_world_size() > 1
 
 
@@ -161,8 +157,9 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
     was_training = module.training
     module.train()
-    if hasattr(module, "probe_batch"):  # leafkd.packed.PackedForward
-        out = module(module.probe_batch(device))
+    probe_batch = getattr(module, "probe_batch", None)  # leafkd.runtime.packed.PackedForward has one
+    if callable(probe_batch):
+        out = module(probe_batch(device))
     else:
         pad = getattr(getattr(module, "tokenizer", None), "pad_token_id", None) or 0
         ids = torch.full((1, 2), pad, dtype=torch.long, device=device)
@@ -180,5 +177,3 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
             find_unused = True
     device_ids = [device.index] if device.type == "cuda" else None
     return DDP(module, device_ids=device_ids, find_unused_parameters=find_unused, broadcast_buffers=False)
-
-

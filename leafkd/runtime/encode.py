@@ -13,57 +13,56 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from leafkd.runtime.devices import inference_dtype
+from leafkd.models import embedding_dimension
+from leafkd.runtime.devices import DType, inference_dtype
+from leafkd.runtime.packed import Packed, PackedForward, pack, supported
 from leafkd.runtime.prefetch import prefetch_iter
 from leafkd.runtime.tokens import Tokenized, pad_batch, plan_batches, tokenized_chunks
 
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+# A batch's inputs: packed, or padded as the model's own features (input_ids, attention_mask).
+BatchInputs = Packed | dict[str, torch.Tensor]
+
+# Compiled packed forwards, one per model, so later calls reuse the compilation.
+_COMPILED: weakref.WeakKeyDictionary[SentenceTransformer, Callable[[Packed], torch.Tensor]]
+_COMPILED = weakref.WeakKeyDictionary()
+
 
 def default_batch_tokens(device: torch.device) -> int:
+    """Default token budget of one batch on `device`."""
     return 262144 if device.type == "cuda" else 8192
 
 
-def features(ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def use_packed(model, packed: bool | None) -> bool:
-    """Whether to run `model` packed (see leafkd.packed): by default whenever it supports it."""
-    from leafkd.runtime.packed import supported
-
+def use_packed(model: SentenceTransformer, packed: bool | None) -> bool:
+    """Whether to run `model` packed (see leafkd.runtime.packed): by default whenever it supports it."""
     if packed is None:
         return supported(model)
     return bool(packed)
 
 
 def batch_items(tokens: Tokenized, batch_tokens: int, packed: bool, pad_id: int, pin: bool,
-                 base: np.ndarray | None = None) -> Iterator[dict]:
-    """Device-ready batches of `tokens` (longest first), each with the output rows it fills."""
-    from leafkd.runtime.packed import pack
-
+                base: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, BatchInputs]]:
+    """Device-ready batches of `tokens` (longest first): the output rows each fills, and its inputs."""
     for index in plan_batches(tokens.lengths, batch_tokens):
         rows = index if base is None else base[index]
         if packed:
             batch = pack(tokens, index)
-            yield {"index": rows, "packed": batch.pin_memory() if pin else batch}
+            yield rows, (batch.pin_memory() if pin else batch)
         else:
             ids, mask = pad_batch(tokens, index, pad_id)
-            ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
-            if pin:
-                ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
-            yield {"index": rows, "ids": ids_t, "mask": mask_t}
+            features = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+            yield rows, ({k: v.pin_memory() for k, v in features.items()} if pin else features)
 
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def packed_forward(model, compile: bool):
+def packed_forward(model: SentenceTransformer, compile: bool) -> Callable[[Packed], torch.Tensor]:
     """The packed forward of `model`; compiled ones are kept per model, so later calls reuse the compilation."""
-    from leafkd.runtime.packed import PackedForward
-
     if not compile:
         return PackedForward(model)
     if model not in _COMPILED:
@@ -71,9 +70,24 @@ def packed_forward(model, compile: bool):
     return _COMPILED[model]
 
 
-def _run(model, items: Iterator[dict], n: int, *, device: torch.device, dtype, packed: bool, compile: bool = False,
-         progress: Callable[[int], None] | None, on_batch: Callable[[np.ndarray, np.ndarray], None] | None) -> np.ndarray | None:
-    """Forward every batch of `items`; float32 rows in place of `index` (or streamed to `on_batch`).
+def _forward(model: SentenceTransformer, packed: bool, compile: bool,
+             device: torch.device) -> Callable[[Any], torch.Tensor]:
+    """Sentence embeddings of one batch's inputs (as `batch_items` makes them), on `device`."""
+    if packed:
+        forward = packed_forward(model, compile)
+        return lambda batch: forward(batch.to(device))
+
+    def padded(features: dict[str, torch.Tensor]) -> torch.Tensor:
+        on_device = {k: v.to(device, non_blocking=True) for k, v in features.items()}
+        return model(on_device)["sentence_embedding"]
+
+    return padded
+
+
+def _run(model: SentenceTransformer, items: Iterator[tuple[np.ndarray, BatchInputs]], n: int, *,
+         device: torch.device, dtype: DType | str | torch.dtype | None, packed: bool, compile: bool = False,
+         progress: Callable[[int], None] | None) -> np.ndarray:
+    """Forward every batch of `items`; float32 [n, dim] with each batch's vectors in its rows.
 
     On CUDA each batch's vectors go back to pinned host memory asynchronously and are stored one batch
     later, so the GPU is already running the next batch while the host copies this one out.
@@ -82,38 +96,30 @@ def _run(model, items: Iterator[dict], n: int, *, device: torch.device, dtype, p
     was_training = model.training
     model.eval()
     model.to(device)
-    forward = packed_forward(model, compile) if packed else None
+    forward = _forward(model, packed, compile, device)
     # Weights already in half precision run as they are; fp32 weights run under autocast, never cast in place.
     param_dtype = next(model.parameters()).dtype
     use_autocast = dt != torch.float32 and param_dtype == torch.float32
     cuda = device.type == "cuda"
     out: np.ndarray | None = None
-    pending: list = []
+    pending: list[tuple[np.ndarray, torch.Tensor, torch.cuda.Event | None]] = []
 
     def finish() -> None:
         nonlocal out
-        index, host, event = pending.pop()
+        rows, host, event = pending.pop()
         if event is not None:
             event.synchronize()
         emb = host.numpy()
-        if on_batch is not None:
-            on_batch(index, emb)
-        else:
-            if out is None:
-                out = np.empty((n, emb.shape[1]), dtype=np.float32)
-            out[index] = emb
+        if out is None:
+            out = np.empty((n, emb.shape[1]), dtype=np.float32)
+        out[rows] = emb
         if progress is not None:
-            progress(len(index))
+            progress(len(rows))
 
     try:
         with torch.inference_mode(), torch.autocast(device.type, dtype=dt, enabled=use_autocast):
-            for item in items:
-                if packed:
-                    emb = forward(item["packed"].to(device))
-                else:
-                    ids = item["ids"].to(device, non_blocking=True)
-                    mask = item["mask"].to(device, non_blocking=True)
-                    emb = model(features(ids, mask))["sentence_embedding"]
+            for rows, inputs in items:
+                emb = forward(inputs)
                 event = None
                 if cuda:
                     host = torch.empty(emb.shape, dtype=torch.float32, pin_memory=True)
@@ -124,34 +130,32 @@ def _run(model, items: Iterator[dict], n: int, *, device: torch.device, dtype, p
                     host = emb.float()
                 if pending:
                     finish()
-                pending.append((item["index"], host, event))
+                pending.append((rows, host, event))
             if pending:
                 finish()
     finally:
         model.train(was_training)
-    if out is None and on_batch is None:  # no texts
-        out = np.zeros((n, model.get_sentence_embedding_dimension() or 0), dtype=np.float32)
+    if out is None:  # no texts
+        out = np.zeros((n, embedding_dimension(model)), dtype=np.float32)
     return out
 
 
-def encode_tokens(model, tokens: Tokenized, *, batch_tokens: int | None = None, device: str | torch.device | None = None,
-                  dtype: str | torch.dtype | None = None, progress: Callable[[int], None] | None = None,
-                  on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None,
-                  packed: bool | None = None) -> np.ndarray | None:
-    """Embed pre-tokenised texts; returns float32 [n, dim] in input order (or streams to `on_batch`)."""
+def encode_tokens(model: SentenceTransformer, tokens: Tokenized, *, batch_tokens: int | None = None,
+                  device: str | torch.device | None = None, dtype: DType | str | torch.dtype | None = None,
+                  progress: Callable[[int], None] | None = None, packed: bool | None = None) -> np.ndarray:
+    """Embed pre-tokenised texts; returns float32 [n, dim] in input order."""
     device = torch.device(device) if device is not None else model.device
     batch_tokens = batch_tokens or default_batch_tokens(device)
     packed = use_packed(model, packed)
     items = prefetch_iter(batch_items(tokens, batch_tokens, packed, model.tokenizer.pad_token_id or 0,
-                                        device.type == "cuda"))
-    return _run(model, items, len(tokens), device=device, dtype=dtype, packed=packed, progress=progress,
-                on_batch=on_batch)
+                                      device.type == "cuda"))
+    return _run(model, items, len(tokens), device=device, dtype=dtype, packed=packed, progress=progress)
 
 
-def encode(model, texts: Sequence[str], *, prompt: str | None = None, batch_tokens: int | None = None,
-           device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-           show_progress: bool = False, desc: str = "encode", chunk_texts: int = 16384,
-           packed: bool | None = None, stats: dict | None = None,
+def encode(model: SentenceTransformer, texts: Sequence[str], *, prompt: str | None = None,
+           batch_tokens: int | None = None, device: str | torch.device | None = None,
+           dtype: DType | str | torch.dtype | None = None, show_progress: bool = False, desc: str = "encode",
+           chunk_texts: int = 16384, packed: bool | None = None, stats: dict[str, int] | None = None,
            progress: Callable[[int], None] | None = None, compile: bool = False,
            workers: int | None = None) -> np.ndarray:
     """Embed texts with a SentenceTransformer; float32 [len(texts), dim] in input order.
@@ -171,7 +175,7 @@ def encode(model, texts: Sequence[str], *, prompt: str | None = None, batch_toke
     chunks = tokenized_chunks(model, texts, prompt=prompt, chunk=chunk_texts, workers=workers)
     first = next(chunks, None)
 
-    def items() -> Iterator[dict]:
+    def items() -> Iterator[tuple[np.ndarray, BatchInputs]]:
         start = 0
         for tokens, truncated in itertools.chain([first] if first is not None else [], chunks):
             counts["truncated"] += truncated
@@ -186,13 +190,11 @@ def encode(model, texts: Sequence[str], *, prompt: str | None = None, batch_toke
 
         bar = tqdm(total=len(texts), desc=desc, unit="text", smoothing=0.05)
     try:
-        out = _run(model, prefetch_iter(items()), len(texts), device=device, dtype=dtype, packed=packed, compile=compile,
-                   progress=bar.update if bar else progress, on_batch=None)
+        out = _run(model, prefetch_iter(items()), len(texts), device=device, dtype=dtype, packed=packed,
+                   compile=compile, progress=bar.update if bar else progress)
     finally:
         if bar is not None:
             bar.close()
     if stats is not None:
         stats.update(counts)
     return out
-
-

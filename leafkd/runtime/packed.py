@@ -19,29 +19,38 @@ the model's own forward otherwise.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from leafkd.runtime.tokens import Tokenized
 
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
 _ARCHS = ("bert", "mpnet")
 
-
-def _padded_sdpa_backends() -> list | None:
-    """SDPA backends for the padded view: not cuDNN, which plans each new (texts, length) shape anew (hundreds of
-    milliseconds per shape, and every packed batch has a new shape) and wastes most of its tiles on short texts."""
-    try:
-        from torch.nn.attention import SDPBackend
-    except ImportError:  # pragma: no cover
-        return None
-    return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+# SDPA backends for the padded view: not cuDNN, which plans each new (texts, length) shape anew (hundreds of
+# milliseconds per shape, and every packed batch has a new shape) and wastes most of its tiles on short texts.
+_PADDED_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
-def varlen_attention():
+class Attention(str, Enum):
+    """How a packed forward runs attention (`PackedForward.attention`; None there picks per call)."""
+
+    VARLEN = "varlen"  # flash attention over the packed row (CUDA, half precision, no position bias)
+    PADDED = "padded"  # one SDPA call over a padded [texts, heads, longest, dim] view
+
+
+def varlen_attention() -> Callable[..., Any] | None:
+    """torch's flash attention over variable-length sequences (`varlen_attn`), or None where torch lacks it."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # torch < 2.10
@@ -69,11 +78,15 @@ class Packed:
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return self.ids, self.positions, self.cu_seqlens, self.pad_index, self.lengths, self.seq_ids
 
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Packed:
+        return Packed(fn(self.ids), fn(self.positions), fn(self.cu_seqlens), fn(self.pad_index), fn(self.lengths),
+                      fn(self.seq_ids), self.max_len)
+
     def to(self, device: torch.device, non_blocking: bool = True) -> Packed:
-        return Packed(*(t.to(device, non_blocking=non_blocking) for t in self._tensors()), self.max_len)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Packed:
-        return Packed(*(t.pin_memory() for t in self._tensors()), self.max_len)
+        return self._map(torch.Tensor.pin_memory)
 
     def copy_(self, other: Packed) -> Packed:
         """Copy `other` (same shapes) into these tensors: the static inputs of a CUDA graph."""
@@ -125,15 +138,12 @@ def pack(tokens: Tokenized, index: np.ndarray, bucket: int = 0, width: int = 0, 
                   torch.from_numpy(seq_ids), max_len)
 
 
-def _modules(model):
+def unsupported_reason(model: SentenceTransformer) -> str | None:
+    """None when `model` can run packed; otherwise why not (one line)."""
+    # Imported here: whoever made `model` has loaded sentence-transformers; at module level it would add
+    # seconds to every import of leafkd.runtime.
     from leafkd.modules import Dense, Normalize, Pooling, Transformer
 
-    return Transformer, Pooling, (Dense, Normalize)
-
-
-def unsupported_reason(model) -> str | None:
-    """None when `model` can run packed; otherwise why not (one line)."""
-    Transformer, Pooling, after = _modules(model)
     mods = list(model)
     if len(mods) < 2 or not isinstance(mods[0], Transformer) or not isinstance(mods[1], Pooling):
         return "the model is not Transformer + Pooling"
@@ -153,12 +163,13 @@ def unsupported_reason(model) -> str | None:
     if pooling.get("include_prompt", True) is False:
         return "pooling that excludes the prompt"
     for m in mods[2:]:
-        if not isinstance(m, after):
+        if not isinstance(m, (Dense, Normalize)):
             return f"module {type(m).__name__} after pooling"
     return None
 
 
-def supported(model) -> bool:
+def supported(model: SentenceTransformer) -> bool:
+    """Whether `model` can run packed (see `unsupported_reason`)."""
     return unsupported_reason(model) is None
 
 
@@ -171,14 +182,15 @@ class _MeanPool(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, pad_index: torch.Tensor, seq_ids: torch.Tensor, lengths: torch.Tensor):
+    def forward(ctx: Any, x: torch.Tensor, pad_index: torch.Tensor, seq_ids: torch.Tensor,
+                lengths: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(seq_ids, lengths)
         ctx.dtype = x.dtype
         padded = torch.cat([x, x.new_zeros(1, x.shape[1])])[pad_index]
         return padded.float().sum(1) / lengths.clamp(min=1)[:, None]
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         seq_ids, lengths = ctx.saved_tensors
         per_text = grad / lengths.clamp(min=1)[:, None]
         per_text = torch.cat([per_text, per_text.new_zeros(1, per_text.shape[1])])  # filler tokens (text N): 0
@@ -192,19 +204,20 @@ class PackedForward(nn.Module):
     parameters; `model.train()`/`eval()` and dropout settings apply as usual.
     """
 
-    def __init__(self, model):
+    def __init__(self, model: SentenceTransformer):
         super().__init__()
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"packed forward unsupported: {reason}")
         self.model = model
-        self.auto = model[0].auto_model
-        self.arch = self.auto.config.model_type
-        self.heads = self.auto.config.num_attention_heads
+        # The transformers BertModel or MPNetModel: its submodules' names differ by architecture, so Any.
+        auto: Any = model[0].auto_model
+        self.auto = auto
+        self.arch: str = auto.config.model_type
+        self.heads: int = auto.config.num_attention_heads
         self.varlen = varlen_attention()
-        # None picks per call (see _attention_kind); tests force "padded" or "varlen" to compare them.
-        self.attention: str | None = None
-        self.sdpa_backends: list | None = _padded_sdpa_backends()
+        # None picks per call (see _attention_kind); tests force padded or varlen to compare them.
+        self.attention: Attention | None = None
 
     def probe_batch(self, device: torch.device) -> Packed:
         """A one-text, two-token batch (for probes such as finding parameters the forward never uses)."""
@@ -232,13 +245,13 @@ class PackedForward(nn.Module):
                                               num_buckets=enc.relative_attention_bias.num_embeddings)
         return enc.relative_attention_bias(bucket).permute(2, 0, 1).unsqueeze(0).to(dtype)  # [1, H, L, L]
 
-    def _attention_kind(self, x: torch.Tensor) -> str:
+    def _attention_kind(self, x: torch.Tensor) -> Attention:
         if self.attention is not None:
-            return self.attention
+            return Attention(self.attention)
         half = x.dtype != torch.float32 or torch.is_autocast_enabled("cuda")
         if x.is_cuda and half and self.arch == "bert" and self.varlen is not None:
-            return "varlen"
-        return "padded"
+            return Attention.VARLEN
+        return Attention.PADDED
 
     def _attention_mask(self, p: Packed, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """The padded path's mask, built once per forward: keys that are real tokens (+ MPNet's bias)."""
@@ -247,10 +260,11 @@ class PackedForward(nn.Module):
             return valid
         return bias.to(dtype).masked_fill(~valid, float("-inf"))  # [N, H, L, L]
 
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Packed, kind: str,
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Packed, kind: Attention,
                    mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
         """q, k, v: [T, H, D] -> [T, H, D], each text attending only to itself."""
-        if kind == "varlen" and dropout == 0.0 and q.dtype in (torch.float16, torch.bfloat16):
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        if kind is Attention.VARLEN and self.varlen is not None and dropout == 0.0 and half:
             return self.varlen(q, k, v, p.cu_seqlens, p.cu_seqlens, p.max_len, p.max_len)
         if mask is None:  # varlen chosen, but attention dropout (training) needs the padded view
             mask = self._attention_mask(p, self._position_bias(p, q.dtype), q.dtype)
@@ -262,11 +276,9 @@ class PackedForward(nn.Module):
 
         if mask.dtype != torch.bool and mask.dtype != q.dtype:  # e.g. CPU autocast
             mask = mask.to(q.dtype)
-        backends = contextlib.nullcontext()
-        if q.is_cuda and self.sdpa_backends is not None:
-            from torch.nn.attention import sdpa_kernel
-
-            backends = sdpa_kernel(self.sdpa_backends)
+        backends: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if q.is_cuda:
+            backends = sdpa_kernel(_PADDED_SDPA_BACKENDS)
         with backends:
             out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, dropout_p=dropout)
         # Back to packed rows by gathering each token's (text, position) cell: no data-dependent shapes, no sync.
@@ -274,7 +286,9 @@ class PackedForward(nn.Module):
         n, length = p.pad_index.shape
         return out.transpose(1, 2)[p.seq_ids.clamp(max=n - 1), p.positions.clamp(max=length - 1)]
 
-    def _layer(self, layer: nn.Module, x: torch.Tensor, p: Packed, kind: str, mask: torch.Tensor | None) -> torch.Tensor:
+    def _layer(self, layer: Any, x: torch.Tensor, p: Packed, kind: Attention,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """One encoder layer (a transformers BertLayer or MPNetLayer, whose submodule names differ) on [T, hidden]."""
         t = x.shape[0]
         if self.arch == "mpnet":
             att = layer.attention.attn
@@ -299,7 +313,7 @@ class PackedForward(nn.Module):
         x = self._embed(p)
         kind = self._attention_kind(x)
         mask = None  # the padded view's mask, built once per forward and shared by the layers
-        if kind == "padded":
+        if kind is Attention.PADDED:
             dtype = (torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype)
             mask = self._attention_mask(p, self._position_bias(p, dtype), dtype)
         for layer in self.auto.encoder.layer:
@@ -313,5 +327,3 @@ class PackedForward(nn.Module):
         for m in list(self.model)[2:]:
             features = m(features)
         return features["sentence_embedding"]
-
-

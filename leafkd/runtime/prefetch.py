@@ -5,26 +5,29 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
-def prefetch(make: Callable[[int], dict], count: int, depth: int = 4) -> Iterator[dict]:
+def prefetch(make: Callable[[int], T], count: int, depth: int = 4) -> Iterator[T]:
     """Build items 0..count-1 in a background thread, `depth` ahead of the consumer."""
     return prefetch_iter((make(k) for k in range(count)), depth)
 
 
-def prefetch_iter(items: Iterator, depth: int = 4) -> Iterator:
+def prefetch_iter(items: Iterator[T], depth: int = 4) -> Iterator[T]:
     """Run the iterator `items` in a background thread, `depth` items ahead of the consumer."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
+    # Each item travels in a 1-tuple, so that None can mean "no more items" and an exception "the producer failed".
+    q: queue.Queue[tuple[T] | BaseException | None] = queue.Queue(maxsize=depth)
     stop = threading.Event()
-    done = object()
 
     def worker() -> None:
         try:
             for item in items:
                 if stop.is_set():
                     return
-                q.put(item)
-            q.put(done)
+                q.put((item,))
+            q.put(None)
         except BaseException as e:  # re-raised in the consumer
             q.put(e)
 
@@ -32,13 +35,11 @@ def prefetch_iter(items: Iterator, depth: int = 4) -> Iterator:
     t.start()
     try:
         while True:
-            item = q.get()
-            if item is done:
+            entry = q.get()
+            if entry is None:
                 return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+            if isinstance(entry, BaseException):
+                raise entry
+            yield entry[0]
     finally:
         stop.set()
-
-

@@ -10,12 +10,26 @@ from __future__ import annotations
 
 import atexit
 import collections
+import hashlib
 import itertools
+import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from multiprocessing.pool import AsyncResult, Pool
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from tokenizers import Tokenizer
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+POOL_TASK_TEXTS = 2048  # texts per worker task
+POOL_FIRST_TASK_TEXTS = 256  # texts of the first task (see tokenized_chunks)
+
+# (token ids, lengths, truncated count) of a run of texts, as `_encode_flat` returns them
+FlatTokens = tuple[np.ndarray, np.ndarray, int]
 
 
 @dataclass
@@ -36,18 +50,21 @@ class Tokenized:
         lengths = self.lengths[index]
         offsets = np.zeros(len(index) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        ids = np.concatenate([self.ids[self.offsets[i] : self.offsets[i + 1]] for i in index]) if len(index) else self.ids[:0]
+        if not len(index):
+            return Tokenized(self.ids[:0], offsets)
+        ids = np.concatenate([self.ids[self.offsets[i] : self.offsets[i + 1]] for i in index])
         return Tokenized(ids, offsets)
 
 
-def max_seq_length(model) -> int:
+def max_seq_length(model: SentenceTransformer) -> int:
+    """The model's maximum input length in tokens (512 where it states none)."""
     length = getattr(model, "max_seq_length", None) or 512
     return int(length)
 
 
-def _encode_flat(backend, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _encode_flat(tokenizer: Tokenizer, texts: list[str], max_length: int) -> FlatTokens:
     """Token ids of `texts`, flat int32, their lengths, and how many texts were truncated."""
-    encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no character offsets: faster
+    encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # no character offsets: faster
     encodings = encode_batch(texts, add_special_tokens=True)
     id_lists = [enc.ids for enc in encodings]
     lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
@@ -57,7 +74,7 @@ def _encode_flat(backend, texts: list[str], max_length: int) -> tuple[np.ndarray
     return ids, lengths, truncated
 
 
-def _join(parts: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[Tokenized, int]:
+def _join(parts: list[FlatTokens]) -> tuple[Tokenized, int]:
     lengths = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -65,29 +82,22 @@ def _join(parts: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[Tokenized, i
     return Tokenized(ids, offsets), sum(p[2] for p in parts)
 
 
-_WORKER: dict = {}
+# A tokenizer process's own tokenizer and max length, set up once by `_worker_init`.
+_WORKER: dict[str, Any] = {}
 
-
-_POOLS: dict = {}
-
-
-POOL_TASK_TEXTS = 2048  # texts per worker task
-
-
-POOL_FIRST_TASK_TEXTS = 256
+# Pools of tokenizer processes by (tokenizer digest, max length, processes), kept for later calls.
+_POOLS: dict[tuple[str, int, int], Pool] = {}
 
 
 def _worker_init(tokenizer_json: str, max_length: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; the pool is the parallelism
-    from tokenizers import Tokenizer
-
     tokenizer = Tokenizer.from_str(tokenizer_json)
     tokenizer.enable_truncation(max_length)
     tokenizer.no_padding()
     _WORKER.update(tokenizer=tokenizer, max_length=max_length)
 
 
-def _worker_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+def _worker_encode(texts: list[str]) -> FlatTokens:
     return _encode_flat(_WORKER["tokenizer"], texts, _WORKER["max_length"])
 
 
@@ -99,12 +109,9 @@ def default_workers(n_texts: int) -> int:
     return min(8, cpus - 2)
 
 
-def _pool(backend, max_length: int, workers: int):
+def _pool(tokenizer: Tokenizer, max_length: int, workers: int) -> Pool:
     """A pool of tokenizer processes, started once per (tokenizer, max length, size) and kept for later calls."""
-    import hashlib
-    import multiprocessing
-
-    tokenizer_json = backend.to_str()
+    tokenizer_json = tokenizer.to_str()
     key = (hashlib.sha1(tokenizer_json.encode()).hexdigest(), max_length, workers)
     if key not in _POOLS:
         # fork starts in milliseconds and the workers touch no CUDA state (as DataLoader workers do); where
@@ -124,15 +131,17 @@ def _close_pools() -> None:
     _POOLS.clear()
 
 
-def _backend(model, max_length: int):
-    backend = model.tokenizer.backend_tokenizer
-    backend.enable_truncation(max_length)
-    backend.no_padding()
-    return backend
+def _truncating_tokenizer(model: SentenceTransformer, max_length: int) -> Tokenizer:
+    """The model's fast (Rust) tokenizer, set to truncate at `max_length` and not to pad."""
+    tokenizer: Tokenizer = model.tokenizer.backend_tokenizer
+    tokenizer.enable_truncation(max_length)
+    tokenizer.no_padding()
+    return tokenizer
 
 
-def tokenized_chunks(model, texts: Sequence[str], prompt: str | None = None, max_length: int | None = None,
-                     chunk: int = 16384, workers: int | None = None) -> Iterator[tuple[Tokenized, int]]:
+def tokenized_chunks(model: SentenceTransformer, texts: Sequence[str], prompt: str | None = None,
+                     max_length: int | None = None, chunk: int = 16384,
+                     workers: int | None = None) -> Iterator[tuple[Tokenized, int]]:
     """Tokenise `texts` in order, `chunk` texts at a time: (tokens, truncated count) per chunk.
 
     With `workers` > 0 (default: by input size and CPU count, see `default_workers`) worker processes tokenise
@@ -140,7 +149,7 @@ def tokenized_chunks(model, texts: Sequence[str], prompt: str | None = None, max
     starts there); iterating from another thread is fine.
     """
     max_length = max_length or max_seq_length(model)
-    backend = _backend(model, max_length)
+    tokenizer = _truncating_tokenizer(model, max_length)
     workers = default_workers(len(texts)) if workers is None else workers
 
     def prompted(start: int, stop: int) -> list[str]:
@@ -149,14 +158,14 @@ def tokenized_chunks(model, texts: Sequence[str], prompt: str | None = None, max
 
     if workers <= 0:
         for start in range(0, len(texts), chunk):
-            yield _join([_encode_flat(backend, prompted(start, start + chunk), max_length)])
+            yield _join([_encode_flat(tokenizer, prompted(start, start + chunk), max_length)])
         return
-    pool = _pool(backend, max_length, workers)
+    pool = _pool(tokenizer, max_length, workers)
     # A small first task, so the device gets its first batch within milliseconds; then full-size tasks.
     first = min(POOL_FIRST_TASK_TEXTS, len(texts))
     edges = sorted({0, *range(first, len(texts), POOL_TASK_TEXTS), len(texts)})
     tasks = iter(zip(edges[:-1], edges[1:]))
-    in_flight: collections.deque = collections.deque()
+    in_flight: collections.deque[AsyncResult[FlatTokens]] = collections.deque()
 
     def submit() -> None:
         task = next(tasks, None)
@@ -165,7 +174,8 @@ def tokenized_chunks(model, texts: Sequence[str], prompt: str | None = None, max
 
     for _ in range(4 * workers):
         submit()
-    parts, count, target = [], 0, first  # the first chunk is the first task alone
+    parts: list[FlatTokens] = []
+    count, target = 0, first  # the first chunk is the first task alone
     while in_flight:
         part = in_flight.popleft().get()
         submit()
@@ -176,8 +186,8 @@ def tokenized_chunks(model, texts: Sequence[str], prompt: str | None = None, max
             parts, count, target = [], 0, chunk
 
 
-def tokenize(model, texts: Sequence[str], prompt: str | None = None, max_length: int | None = None,
-             chunk: int = 65536, workers: int | None = None) -> tuple[Tokenized, int]:
+def tokenize(model: SentenceTransformer, texts: Sequence[str], prompt: str | None = None,
+             max_length: int | None = None, chunk: int = 65536, workers: int | None = None) -> tuple[Tokenized, int]:
     """Tokenise with the model's fast tokenizer, truncating to its max length.
 
     Returns the tokens and how many texts were truncated.
@@ -209,5 +219,3 @@ def pad_batch(tokens: Tokenized, index: np.ndarray, pad_id: int) -> tuple[np.nda
     pos = np.minimum(tokens.offsets[index][:, None] + cols[None, :], max(len(tokens.ids) - 1, 0))
     ids = np.where(mask, tokens.ids[pos] if len(tokens.ids) else pad_id, pad_id).astype(np.int64)
     return ids, mask.astype(np.int64)
-
-
