@@ -8,7 +8,7 @@ Measures, on one machine in one run:
      (every length bucket, CUDA graphs captured, gc frozen);
   3. batched in-process throughput (queries/s, time-based) at several batch sizes for both modes, with a
      tokenise / embed / FAISS / hits breakdown, and the asymmetric / teacher ratio per batch size;
-  4. single-query latency over HTTP (`leafkd serve` subprocess, keep-alive client) and queries/s under
+  4. single-query latency over HTTP (the search server in its own process, keep-alive client) and queries/s under
      concurrent load (several client processes, many requests in flight; the server micro-batches);
   5. flat inner-product search at the given sizes (synthetic normalised vectors) at several query batch sizes:
      FAISS CPU; when faiss-gpu sees a GPU, FAISS GPU fp32 / fp16 (cloned index; with a larger scratch memory;
@@ -27,12 +27,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import multiprocessing as mp
 import os
 import platform
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -147,24 +147,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, index_dir: Path, mode: str, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "leafkd", "serve", "--index", str(index_dir), "--mode", mode, "--port", str(port),
-           "--student", args.student, "--teacher", args.teacher, "--max-wait-ms", str(args.max_wait_ms),
-           "--no-verify", "--max-queries", "1024"]
-    if args.allow_fingerprint_mismatch:
-        cmd.append("--allow-fingerprint-mismatch")
-    if args.device:
-        cmd += ["--device", args.device]
-    if args.no_gpu_faiss:
-        cmd.append("--no-gpu")
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def run_server(index_dir: str, mode: str, port: int, student: str, teacher: str, device: str | None, gpu: bool | None,
+               allow_fingerprint_mismatch: bool, max_wait_ms: float) -> None:
+    """The search server as `leafkd serve` runs it (public API), in a process of its own; SIGTERM stops it."""
+    from leafkd import Retriever
+    from leafkd.server import Limits, create_app, serve
+
+    retriever = Retriever.load(index_dir, student=student, teacher=teacher, mode=mode, device=device, gpu=gpu,
+                               allow_fingerprint_mismatch=allow_fingerprint_mismatch, verify=False)
+    app = create_app(retriever, limits=Limits(max_queries=1024), max_wait_ms=max_wait_ms)
+    serve(app, host="127.0.0.1", port=port)
+
+
+def start_server(args, index_dir: Path, mode: str, port: int):
     import httpx
 
+    gpu = False if args.no_gpu_faiss else None
+    proc = mp.get_context("spawn").Process(
+        target=run_server, args=(str(index_dir), mode, port, args.student, args.teacher, args.device, gpu,
+                                 args.allow_fingerprint_mismatch, args.max_wait_ms))
+    proc.start()
     deadline = time.time() + 300
     while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+        if not proc.is_alive():
+            raise RuntimeError(f"the server exited with status {proc.exitcode} (its error is above)")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return proc
@@ -175,12 +181,12 @@ def start_server(args, index_dir: Path, mode: str, port: int) -> subprocess.Pope
     raise RuntimeError("server did not start in 300 s")
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
+def stop_server(proc) -> None:
+    os.kill(proc.pid, signal.SIGTERM)  # graceful: in-flight requests finish
+    proc.join(60)
+    if proc.is_alive():
         proc.kill()
+        proc.join()
 
 
 def _load_worker(url: str, queries: list[str], n: int, concurrency: int, top_k: int, out) -> None:
@@ -365,7 +371,8 @@ def bench_faiss(sizes: list[int], dim: int, batches: list[int], nq_cpu: int, k: 
         cpu.add(x)
         _, truth = cpu.search(queries[:200], k)  # exact top-k for the recall column
         rows.append({"size": n, "dim": dim, "engine": f"faiss CPU flat fp32 ({faiss.omp_get_max_threads()} threads)",
-                     "batch": nq_cpu, "qps": round(time_search(lambda q: cpu.search(q, k), queries[:nq_cpu], min_time), 1),
+                     "batch": nq_cpu,
+                     "qps": round(time_search(lambda q, index=cpu: index.search(q, k), queries[:nq_cpu], min_time), 1),
                      "single_ms": single_latency(cpu, queries, k, reps=20), "recall": 1.0})
         if ngpu:
             for name, make in _gpu_engines(cpu, x, k, notes):
@@ -394,7 +401,8 @@ def bench_faiss(sizes: list[int], dim: int, batches: list[int], nq_cpu: int, k: 
                 try:
                     g = index_to_gpu(cpu, fp16=True, shards=-1)
                     rows.append({"size": n, "dim": dim, "engine": f"faiss GPU flat fp16 sharded x{ngpu}", "batch": batches[-1],
-                                 "qps": round(time_search(lambda q: g.search(q, k), queries[: batches[-1]], min_time), 1),
+                                 "qps": round(time_search(lambda q, index=g: index.search(q, k), queries[: batches[-1]],
+                                                          min_time), 1),
                                  "single_ms": single_latency(g, queries, k), "recall": None})
                     del g
                 except Exception as e:
@@ -412,10 +420,13 @@ def bench_faiss(sizes: list[int], dim: int, batches: list[int], nq_cpu: int, k: 
 
 def memory_table(dims=(384, 768, 1024), pq=(32, 64, 96)) -> list[dict]:
     """Vector memory per million documents (codes only; IVF adds 8 bytes/doc of ids, HNSW32 ~ 256 bytes/doc)."""
+    from faiss.contrib.factory_tools import get_code_size  # bytes per vector of a factory string
+
     out = []
     for d in dims:
-        row = {"dim": d, "float32": 4 * d, "float16": 2 * d, "SQ8": d}
-        row.update({f"PQ{m}": m for m in pq if d % m == 0})
+        row = {"dim": d, "float32": get_code_size(d, "Flat"), "float16": get_code_size(d, "SQfp16"),
+               "SQ8": get_code_size(d, "SQ8")}
+        row.update({f"PQ{m}": get_code_size(d, f"PQ{m}") for m in pq if d % m == 0})
         out.append({k: (round(v * 1e6 / 2**20, 1) if k != "dim" else v) for k, v in row.items()})
     return out
 
@@ -458,12 +469,16 @@ def main() -> int:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     import leafkd
+    from leafkd import Retriever, build_index, load_index
     from leafkd.data.documents import read_documents
     from leafkd.models import load_model, resolve_model
-    from leafkd.retrieval.build import build_index
     from leafkd.retrieval.faiss_utils import faiss_build_name, gpu_count
-    from leafkd.retrieval.index import load_index
-    from leafkd.retrieval.retriever import Retriever
+
+    # leafkd logs its progress (index build, fallbacks) through `logging`: show it on stderr, one plain line each.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("leafkd").addHandler(handler)
+    logging.getLogger("leafkd").setLevel(logging.INFO)
 
     cuda = torch.cuda.is_available()
     device_name = torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine()
@@ -490,7 +505,7 @@ def main() -> int:
         sync_cuda()
         t0 = time.perf_counter()
         build_index(index_dir, docs, teacher=args.teacher, model=teacher_model, factory=args.factory,
-                    gpu=ngpu > 0 and not args.no_gpu_faiss, log=lambda m: print(m, file=sys.stderr))
+                    gpu=ngpu > 0 and not args.no_gpu_faiss)
         dt = time.perf_counter() - t0
         result["build"] = {"documents": len(docs), "seconds": round(dt, 2), "docs_per_s": round(len(docs) / dt, 1),
                            "factory": args.factory}

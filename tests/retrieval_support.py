@@ -113,7 +113,7 @@ def cranfield_index() -> Path:
     from leafkd.retrieval.build import build_index
 
     return build_index(root() / "indexes" / "cranfield", cranfield_docs(), vectors=cranfield_embeddings(),
-                       teacher=teacher_dir(), teacher_fingerprint=teacher_fp(), factory="Flat", log=lambda m: None)
+                       teacher=teacher_dir(), teacher_fingerprint=teacher_fp(), factory="Flat")
 
 
 def brute_force(query_vecs: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
@@ -126,7 +126,8 @@ def brute_force(query_vecs: np.ndarray, k: int) -> tuple[list[list[str]], np.nda
     return [[docs[i].id for i in row] for row in order], np.take_along_axis(scores, order, axis=1)
 
 
-def same_ranking(got_ids: list[str], got_scores: list[float], want_ids: list[str], want_scores, tol: float = 1e-4) -> bool:
+def same_ranking(got_ids: list[str], got_scores: list[float], want_ids: list[str], want_scores,
+                 tol: float = 1e-4) -> bool:
     """Equal top-k up to ties: scores agree position by position and ids agree where scores are distinct."""
     if len(got_ids) != len(want_ids) or not np.allclose(got_scores, want_scores, atol=tol):
         return False

@@ -48,8 +48,7 @@ def test_round_trip_matches_brute_force(docs, emb):
 def test_add_delete(tmp_path, docs, emb, factory):
     n = 400
     sub, vec = docs[:n], emb[:n]
-    folder = build_index(tmp_path / "ix", sub[:300], vectors=vec[:300], teacher_fingerprint=FP, factory=factory,
-                         log=lambda m: None)
+    folder = build_index(tmp_path / "ix", sub[:300], vectors=vec[:300], teacher_fingerprint=FP, factory=factory)
     idx = load_index(folder)
     assert idx.count == 300
     # Each document finds itself (exact for Flat/HNSW/SQ8 on this size; PQ is lossy, so top-5).
@@ -66,7 +65,8 @@ def test_add_delete(tmp_path, docs, emb, factory):
     assert not set(gone) & {idx.ids[r] for rr in rows for r in rr}
     assert not any(g in idx for g in gone)
 
-    m = add_documents(folder, sub[300:] + [sub[3]], vectors=np.concatenate([vec[300:], vec[3:4]]), teacher_fingerprint=FP)
+    m = add_documents(folder, sub[300:] + [sub[3]], vectors=np.concatenate([vec[300:], vec[3:4]]),
+                      teacher_fingerprint=FP)
     assert m["count"] == 398
     idx = load_index(folder)
     rows, _ = idx.search(vec[[3, 350]], 5)
@@ -77,7 +77,7 @@ def test_add_delete(tmp_path, docs, emb, factory):
 
 
 def test_add_rejects_duplicates_and_wrong_teacher(tmp_path, docs, emb):
-    folder = build_index(tmp_path / "ix", docs[:50], vectors=emb[:50], teacher_fingerprint=FP, log=lambda m: None)
+    folder = build_index(tmp_path / "ix", docs[:50], vectors=emb[:50], teacher_fingerprint=FP)
     with pytest.raises(LeafkdError, match="already in the index"):
         add_documents(folder, docs[10:12], vectors=emb[10:12], teacher_fingerprint=FP)
     with pytest.raises(LeafkdError, match="not the one that built"):
@@ -90,7 +90,7 @@ def test_add_rejects_duplicates_and_wrong_teacher(tmp_path, docs, emb):
 def test_failed_add_leaves_old_index(tmp_path, docs, emb, monkeypatch):
     import leafkd.retrieval.manifest as ix
 
-    folder = build_index(tmp_path / "ix", docs[:50], vectors=emb[:50], teacher_fingerprint=FP, log=lambda m: None)
+    folder = build_index(tmp_path / "ix", docs[:50], vectors=emb[:50], teacher_fingerprint=FP)
     before = (folder / "manifest.json").read_bytes()
     real = ix.write_docs
 
@@ -112,12 +112,12 @@ def test_failed_add_leaves_old_index(tmp_path, docs, emb, monkeypatch):
 
 
 def test_failed_rebuild_keeps_old_index(tmp_path, docs, emb):
-    folder = build_index(tmp_path / "ix", docs[:50], vectors=emb[:50], teacher_fingerprint=FP, log=lambda m: None)
+    folder = build_index(tmp_path / "ix", docs[:50], vectors=emb[:50], teacher_fingerprint=FP)
     with pytest.raises(LeafkdError, match="already exists"):
         build_index(folder, docs[:50], vectors=emb[:50], teacher_fingerprint=FP)
     with pytest.raises(LeafkdError, match="needs at least 4096 documents"):
         build_index(folder, docs[:50], vectors=emb[:50], teacher_fingerprint=FP, factory="IVF4096,Flat",
-                    overwrite=True, log=lambda m: None)
+                    overwrite=True)
     with pytest.raises(LeafkdError, match="FAISS cannot make index"):
         build_index(folder, docs[:50], vectors=emb[:50], teacher_fingerprint=FP, factory="Bogus12", overwrite=True)
     assert load_index(folder).count == 50
@@ -125,7 +125,7 @@ def test_failed_rebuild_keeps_old_index(tmp_path, docs, emb):
 
 
 def test_checksum_failure_and_missing_files(tmp_path, docs, emb):
-    folder = build_index(tmp_path / "ix", docs[:30], vectors=emb[:30], teacher_fingerprint=FP, log=lambda m: None)
+    folder = build_index(tmp_path / "ix", docs[:30], vectors=emb[:30], teacher_fingerprint=FP)
     m = json.loads((folder / "manifest.json").read_text())
     store = folder / m["files"]["docs"]
     data = bytearray(store.read_bytes())
@@ -149,7 +149,8 @@ def test_read_documents_formats(tmp_path):
     (tmp_path / "a.txt").write_text("first doc\n\n  second doc \n")
     assert [(d.id, d.text) for d in read_documents(tmp_path / "a.txt")] == [("0", "first doc"), ("1", "second doc")]
     (tmp_path / "b.jsonl").write_text('{"_id": "x", "title": "T", "text": "body"}\n{"text": "no id"}\n')
-    assert [(d.id, d.title) for d in read_documents(tmp_path / "b.jsonl", id_start=7, taken={"7"})] == [("x", "T"), ("8", "")]
+    got = read_documents(tmp_path / "b.jsonl", id_start=7, taken={"7"})
+    assert [(d.id, d.title) for d in got] == [("x", "T"), ("8", "")]
     (tmp_path / "c.jsonl").write_text('{"_id": "x", "text": "a"}\n{"_id": "x", "text": "b"}\n')
     with pytest.raises(LeafkdError, match="duplicate document ids"):
         check_unique_ids(read_documents(tmp_path / "c.jsonl"), tmp_path / "c.jsonl")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import retrieval_support as S
 
 from leafkd.errors import LeafkdError
-from leafkd.retrieval.retriever import Retriever
+from leafkd.retrieval.retriever import Mode, Retriever
 
 # Cranfield queries whose judged-relevant documents this teacher ranks in the top 10.
 KNOWN = {"1": {"13", "51", "184"}, "5": {"552"}, "15": {"462", "463"}, "17": {"106"}}
@@ -51,7 +53,8 @@ def test_batch_shapes(retriever):
 def test_lean_encoder_matches_encode(retriever):
     from leafkd.runtime.encode import encode
 
-    texts = ["a", "what similarity laws must be obeyed when constructing aeroelastic models of heated high speed aircraft"] * 3
+    texts = ["a", "what similarity laws must be obeyed when constructing aeroelastic models of heated high speed "
+             "aircraft"] * 3
     got = retriever.embed(texts)
     want = encode(S.teacher_model(), texts)
     want /= np.linalg.norm(want, axis=1, keepdims=True)
@@ -59,19 +62,24 @@ def test_lean_encoder_matches_encode(retriever):
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
-def test_foreign_student_is_refused(capsys):
+def test_foreign_student_is_refused(caplog, monkeypatch):
+    # the CLI, once run in this process, stops `leafkd` records from reaching the root logger (and caplog)
+    monkeypatch.setattr(logging.getLogger("leafkd"), "propagate", True)
     with pytest.raises(LeafkdError, match="trained for teacher 'some/other-teacher'"):
         Retriever.load(S.cranfield_index(), student=S.foreign_student_dir())
     with pytest.raises(LeafkdError, match="not a leafkd student"):
         Retriever.load(S.cranfield_index(), student=S.plain_model_dir())
-    r = Retriever.load(S.cranfield_index(), student=S.foreign_student_dir(), allow_fingerprint_mismatch=True)
-    assert "warning:" in capsys.readouterr().err
+    with caplog.at_level(logging.WARNING, logger="leafkd.retrieval"):
+        r = Retriever.load(S.cranfield_index(), student=S.foreign_student_dir(), allow_fingerprint_mismatch=True)
+    assert any(rec.levelno == logging.WARNING and "continuing because the fingerprint check was overridden"
+               in rec.getMessage() for rec in caplog.records)
     assert len(r.search(["wing flutter"], 2)[0]) == 2
 
 
 def test_teacher_and_student_modes(minilm_path):
     t = Retriever.load(S.cranfield_index(), teacher=S.teacher_dir(), mode="teacher")
-    assert t.mode == "teacher" and t.search(["heat transfer"], 1)[0][0].id
+    assert t.mode is Mode.TEACHER and t.mode == "teacher" and f"{t.mode}" == "teacher"
+    assert t.search(["heat transfer"], 1)[0][0].id
     # the teacher recorded in the manifest is used by default
     assert Retriever.load(S.cranfield_index(), mode="teacher").encoder.name == str(S.teacher_dir())
     # the stock MiniLM folder (other max_seq_length) did not build this index
@@ -86,13 +94,16 @@ def test_teacher_and_student_modes(minilm_path):
         Retriever.load(S.cranfield_index(), mode="asymmetric")
     with pytest.raises(LeafkdError, match="unknown mode"):
         Retriever.load(S.cranfield_index(), student=S.student_dir(), mode="sideways")
+    from leafkd.cli.serve import MODES  # the CLI spells the choices out (no FAISS needed for --help)
+
+    assert MODES == tuple(m.value for m in Mode)
 
 
 def test_dimension_mismatch_refused(tmp_path):
     from leafkd.retrieval.build import build_index
 
     folder = build_index(tmp_path / "ix", S.cranfield_docs()[:20], vectors=np.eye(20, 16, dtype=np.float32),
-                         teacher_fingerprint=S.teacher_fp(), log=lambda m: None)
+                         teacher_fingerprint=S.teacher_fp())
     with pytest.raises(LeafkdError, match="384-d vectors, the index is 16-d"):
         Retriever.load(folder, student=S.student_dir())
 
@@ -116,10 +127,14 @@ def test_fast_encoder_matches_sentence_transformers(retriever):
 def test_padding_buckets_and_spare_rows_do_not_change_vectors():
     import torch
 
-    from leafkd.retrieval.query_encoder import QueryEncoder, fast_plan, length_bucket
+    from leafkd.retrieval.fused import fused_forward
+    from leafkd.retrieval.query_encoder import QueryEncoder
+    from leafkd.retrieval.shapes import graph_shape, length_bucket
 
     assert [length_bucket(n, 40) for n in (1, 8, 9, 33, 41)] == [8, 8, 16, 40, 40]
     assert length_bucket(600, 512) == 512 and length_bucket(100, 384) == 128
+    assert [graph_shape(n, 32) for n in (1, 3, 256, 257)] == [(1, 32), (4, 32), (256, 32), None]
+    assert graph_shape(1, 128) == (1, 128) and graph_shape(2, 128) is None
     enc = QueryEncoder(S.teacher_model(), device="cpu")
     texts = ["wing flutter", "heat transfer in laminar boundary layers at high mach numbers", "x"]
     ids = enc.tokenize(texts)
@@ -136,4 +151,4 @@ def test_padding_buckets_and_spare_rows_do_not_change_vectors():
         out = enc._forward(torch.from_numpy(buf[0]), torch.from_numpy(buf[1])).numpy()
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out[: len(ids)], tight, atol=1e-5)
-    assert fast_plan(object()) is None
+    assert fused_forward(object()) is None

@@ -110,9 +110,11 @@ def register(subparsers) -> None:
     b.add_argument("--teacher", help="teacher model folder (or installed model name)")
     b.add_argument("--vectors", help="precomputed teacher vectors (.npy, corpus order) for a black-box teacher")
     b.add_argument("--corpus", required=True, help="BEIR folder, corpus.jsonl, .jsonl or .txt")
-    b.add_argument("--factory", default="Flat", help="FAISS factory string: Flat, HNSW32, IVF4096,Flat, IVF4096,PQ64, SQ8 ...")
+    b.add_argument("--factory", default="Flat",
+                   help="FAISS factory string: Flat, HNSW32, IVF4096,Flat, IVF4096,PQ64, SQ8 ...")
     g = b.add_mutually_exclusive_group()
-    g.add_argument("--gpu", dest="gpu", action="store_true", default=None, help="build with faiss-gpu (default: when present)")
+    g.add_argument("--gpu", dest="gpu", action="store_true", default=None,
+                   help="build with faiss-gpu (default: when present)")
     g.add_argument("--no-gpu", dest="gpu", action="store_false", help="build on the CPU")
     b.add_argument("--fp16", action="store_true", help="search flat/IVF vectors in float16 on GPUs")
     b.add_argument("--doc-prompt", default=None, help="prompt the teacher puts before documents")
@@ -128,7 +130,8 @@ def register(subparsers) -> None:
     a.add_argument("--corpus", required=True, help="BEIR folder, corpus.jsonl, .jsonl or .txt")
     a.add_argument("--teacher", default=None, help="teacher folder (default: the one recorded in the index)")
     a.add_argument("--device", default=None)
-    a.add_argument("--allow-fingerprint-mismatch", action="store_true", help="accept a teacher with another fingerprint")
+    a.add_argument("--allow-fingerprint-mismatch", action="store_true",
+                   help="accept a teacher with another fingerprint")
     a.add_argument("--quiet", action="store_true")
     a.set_defaults(func=cmd_add)
 

@@ -7,12 +7,14 @@ import sys
 
 from leafkd.errors import LeafkdError
 
+# The values of leafkd.retrieval.Mode, spelled out: importing leafkd.retrieval here would need FAISS for `--help`.
+MODES = ("asymmetric", "teacher", "student")
+
 
 def cmd_serve(args) -> int:
-    from leafkd.retrieval.retriever import Retriever
-    from leafkd.server.app import create_app
-    from leafkd.server.limits import Limits
-    from leafkd.server.run import serve
+    # Imported here, not at parser build time: a missing extra (FAISS, FastAPI) is then one `error:` line.
+    from leafkd.retrieval import Retriever
+    from leafkd.server import Limits, create_app, serve
 
     api_key = None
     if args.api_key_env:
@@ -40,7 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--indexes-dir", default="indexes")
     p.add_argument("--student", help="student model folder (modes asymmetric and student)")
     p.add_argument("--teacher", help="teacher model folder (mode teacher; default: the index's teacher)")
-    p.add_argument("--mode", choices=["asymmetric", "teacher", "student"], default="asymmetric")
+    p.add_argument("--mode", choices=MODES, default="asymmetric")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-env", default=None, help="require the API key held in this environment variable")
@@ -49,7 +51,8 @@ def register(subparsers) -> None:
     p.add_argument("--query-prompt", default=None, help="override the query prompt")
     p.add_argument("--device", default=None, help="torch device for the encoder (default: cuda if present)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--gpu", dest="gpu", action="store_true", default=None, help="search with faiss-gpu (default: when present)")
+    g.add_argument("--gpu", dest="gpu", action="store_true", default=None,
+                   help="search with faiss-gpu (default: when present)")
     g.add_argument("--no-gpu", dest="gpu", action="store_false", help="search on the CPU")
     p.add_argument("--fp16", action="store_true", help="float16 vectors on the GPU (default: as built)")
     p.add_argument("--shards", type=int, default=1, help="shard the index over this many GPUs (-1: all)")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
-import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +40,14 @@ from leafkd.retrieval.manifest import (
 )
 from leafkd.vectors import normalize
 
+logger = logging.getLogger(__name__)
+
 # Documents embedded per step of a build: bounds memory and is the unit a resumed build restarts from.
 BUILD_CHUNK = 100_000
 
 
-def log_default(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def embed_documents(model, docs: Sequence[Document], *, prompt: str | None = None, device: str | None = None,
-                    work_dir: Path | None = None, show_progress: bool = False, log=log_default) -> np.ndarray:
+                    work_dir: Path | None = None, show_progress: bool = False) -> np.ndarray:
     """Teacher embeddings of documents (title + text), normalised; chunks are cached in ``work_dir`` to resume."""
     from leafkd.runtime.encode import encode
 
@@ -71,110 +70,113 @@ def embed_documents(model, docs: Sequence[Document], *, prompt: str | None = Non
     return out
 
 
-def populate(factory: str, vectors: np.ndarray, use_gpu: bool, fp16: bool, log) -> tuple[Any, str, np.ndarray | None, str]:
-    """Make, train and fill a CPU index; returns (index, label mode, keys or None, where it was built)."""
+@dataclass
+class CorpusVectors:
+    """The teacher vectors of a corpus and the teacher they come from."""
+
+    vectors: np.ndarray  # normalised, one row per document
+    teacher: str  # what the manifest names as the teacher
+    fingerprint: str
+    # fingerprint -> capture settings ({"prompt", "normalize"}) that students of this teacher may record
+    variants: dict[str, dict] = field(default_factory=dict)
+    work_dir: Path | None = None  # the resumable embedding cache, removed once the index is written
+
+
+def precomputed_vectors(vectors: np.ndarray | str | Path, docs: Sequence[Document], factory: str,
+                        teacher: str | Path | None, teacher_fingerprint: str | None) -> CorpusVectors:
+    """Vectors of a black-box teacher (an array, or a .npy file in corpus order)."""
+    from leafkd.models import blackbox_fingerprint
+
+    vec_path = Path(vectors) if isinstance(vectors, (str, Path)) else None
+    arr = np.load(vec_path) if vec_path is not None else np.asarray(vectors)
+    if arr.ndim != 2 or len(arr) != len(docs):
+        raise LeafkdError(f"vectors have shape {arr.shape}, expected ({len(docs)}, dim)")
+    if teacher_fingerprint is None:
+        if vec_path is None:
+            raise LeafkdError("precomputed vectors given as an array need teacher_fingerprint")
+        teacher_fingerprint = blackbox_fingerprint(vec_path)
+    name = str(teacher) if teacher is not None else f"blackbox:{vec_path.name if vec_path else 'array'}"
+    make_index(factory, arr.shape[1])  # a bad factory string fails before any work
+    return CorpusVectors(normalize(arr), name, teacher_fingerprint)
+
+
+def teacher_identity(teacher: str | Path | None, teacher_fingerprint: str | None, prompts: Sequence[str | None]
+                     ) -> tuple[Path | None, str, dict[str, dict]]:
+    """(model folder or None, fingerprint, accepted fingerprint variants) of the teacher that embeds the corpus."""
+    from leafkd.models import fingerprint, resolve_model
+
+    tpath = resolve_model(teacher) if teacher is not None else None
+    variants: dict[str, dict] = {}
+    if teacher_fingerprint is None:
+        if tpath is None:
+            raise LeafkdError("an in-memory teacher model needs teacher_fingerprint")
+        teacher_fingerprint = fingerprint(tpath)
+        # Students record the fingerprint of the teacher *as captured* (leafkd.capture folds the capture
+        # prompt and normalisation into it), so every plausible capture setting of this teacher is accepted.
+        for p in dict.fromkeys([None, *prompts]):
+            for norm in (False, True):
+                variants[fingerprint(tpath, prompt=p, normalize=norm)] = {"prompt": p, "normalize": norm}
+    return tpath, teacher_fingerprint, variants
+
+
+def teacher_vectors(docs: Sequence[Document], folder: Path, factory: str, *, teacher: str | Path | None, model,
+                    teacher_fingerprint: str | None, doc_prompt: str | None, query_prompt: str | None,
+                    device: str | None, show_progress: bool) -> CorpusVectors:
+    """Embed the corpus with the teacher (a folder, or an in-memory model with its fingerprint), resumably."""
+    from leafkd.models import load_model
+
+    if teacher is None and model is None:
+        raise LeafkdError("a teacher model (or precomputed vectors) is needed to build an index")
+    tpath, teacher_fingerprint, variants = teacher_identity(teacher, teacher_fingerprint, [doc_prompt, query_prompt])
+    if model is None:
+        import torch
+
+        model = load_model(tpath, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))  # type: ignore[arg-type]
+    make_index(factory, int(model.get_sentence_embedding_dimension() or 0))  # fail before embedding
+    # A resumable work folder keyed by what determines the vectors.
+    h = hashlib.sha256(json.dumps([teacher_fingerprint, doc_prompt, len(docs), docs[0].id, docs[-1].id,
+                                   BUILD_CHUNK]).encode()).hexdigest()[:12]
+    work = folder.parent / f".{folder.name}.embed-{h}"
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    emb = embed_documents(model, docs, prompt=doc_prompt, device=device, work_dir=work, show_progress=show_progress)
+    logger.info("embedded %d documents in %.1fs on %s", len(docs), time.perf_counter() - t0, model.device)
+    name = str(tpath) if tpath is not None else "in-memory model"
+    return CorpusVectors(emb, name, teacher_fingerprint, variants, work)
+
+
+def populate(factory: str, vectors: np.ndarray, use_gpu: bool) -> tuple[Any, str, np.ndarray | None, str]:
+    """Make, train and fill a CPU index; returns (index, label mode, keys or None, where it was trained)."""
     index = make_index(factory, vectors.shape[1])
     where = "cpu"
     if not index.is_trained:
-        where = train_index(index, vectors, use_gpu, log)
+        where = train_index(index, vectors, use_gpu)
     ids_mode = supports_ids(index)
     keys = np.arange(len(vectors), dtype=np.int64) if ids_mode else None
     add_vectors(index, vectors, keys)
     return index, ("keys" if ids_mode else "positions"), keys, where
 
 
-def build_index(name_or_path: str | Path, corpus: str | Path | Sequence[Document], *, teacher: str | Path | None = None,
-                model=None, vectors: np.ndarray | str | Path | None = None, factory: str = "Flat",
-                indexes_dir: str | Path = DEFAULT_INDEXES_DIR, gpu: bool | None = None, fp16: bool = False,
-                doc_prompt: str | None = None, query_prompt: str | None = None, search_params: dict | None = None,
-                teacher_fingerprint: str | None = None, overwrite: bool = False, device: str | None = None,
-                show_progress: bool = False, log=log_default) -> Path:
-    """Embed a corpus with the teacher and build ``indexes/<name>/`` atomically; returns the folder.
-
-    ``vectors`` (array or .npy path, one row per document in corpus order) replaces the teacher for black-box
-    teachers; then ``teacher_fingerprint`` defaults to `leafkd.models.blackbox_fingerprint` of the file.
-    ``gpu=None`` uses a GPU when FAISS sees one. ``fp16`` marks the index to be searched in float16 on GPUs.
-    """
-    from leafkd.models import blackbox_fingerprint, fingerprint, load_model, resolve_model
-
-    folder = index_path(name_or_path, indexes_dir)
-    if not NAME_RE.match(folder.name):
-        raise LeafkdError(f"index name {folder.name!r}: use letters, digits, '.', '_' or '-'")
-    if (folder / MANIFEST).exists() and not overwrite:
-        raise LeafkdError(f"{folder}: an index already exists (use `leafkd index add`, or --overwrite to rebuild)")
-    docs = list(corpus) if not isinstance(corpus, (str, Path)) else read_documents(corpus)
-    check_unique_ids(docs, corpus if isinstance(corpus, (str, Path)) else "documents")
-    if not docs:
-        raise LeafkdError("no documents to index")
-    use_gpu = gpu_count() > 0 if gpu is None else bool(gpu)
-    if use_gpu and gpu_count() == 0:
-        raise LeafkdError("--gpu asked, but FAISS sees no GPU (is faiss-gpu installed and CUDA visible?)")
-    teacher_name = None
-    variants: dict[str, dict] = {}
-    if vectors is not None:
-        vec_path = Path(vectors) if isinstance(vectors, (str, Path)) else None
-        arr = np.load(vec_path) if vec_path is not None else np.asarray(vectors)
-        if arr.ndim != 2 or len(arr) != len(docs):
-            raise LeafkdError(f"vectors have shape {arr.shape}, expected ({len(docs)}, dim)")
-        if teacher_fingerprint is None:
-            if vec_path is None:
-                raise LeafkdError("precomputed vectors given as an array need teacher_fingerprint")
-            teacher_fingerprint = blackbox_fingerprint(vec_path)
-        teacher_name = str(teacher) if teacher is not None else f"blackbox:{vec_path.name if vec_path else 'array'}"
-        make_index(factory, arr.shape[1])  # a bad factory string fails before any work
-        emb = normalize(arr)
-        work = None
-    else:
-        if teacher is None and model is None:
-            raise LeafkdError("a teacher model (or precomputed vectors) is needed to build an index")
-        tpath = resolve_model(teacher) if teacher is not None else None
-        if teacher_fingerprint is None:
-            if tpath is None:
-                raise LeafkdError("an in-memory teacher model needs teacher_fingerprint")
-            teacher_fingerprint = fingerprint(tpath)
-            # Students record the fingerprint of the teacher *as captured* (leafkd.capture folds the capture
-            # prompt and normalisation into it), so every plausible capture setting of this teacher is accepted.
-            for p in dict.fromkeys([None, doc_prompt, query_prompt]):
-                for norm in (False, True):
-                    variants[fingerprint(tpath, prompt=p, normalize=norm)] = {"prompt": p, "normalize": norm}
-        teacher_name = str(tpath) if tpath is not None else "in-memory model"
-        if model is None:
-            import torch
-
-            dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            model = load_model(tpath, device=dev)
-        make_index(factory, int(model.get_sentence_embedding_dimension() or 0))  # fail before embedding
-        # A resumable work folder keyed by what determines the vectors.
-        h = hashlib.sha256(json.dumps([teacher_fingerprint, doc_prompt, len(docs), docs[0].id, docs[-1].id,
-                                       BUILD_CHUNK]).encode()).hexdigest()[:12]
-        work = folder.parent / f".{folder.name}.embed-{h}"
-        work.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        emb = embed_documents(model, docs, prompt=doc_prompt, device=device, work_dir=work,
-                              show_progress=show_progress, log=log)
-        log(f"embedded {len(docs)} documents in {time.perf_counter() - t0:.1f}s on {model.device}")
-
-    t0 = time.perf_counter()
-    index, labels, keys, where = populate(factory, emb, use_gpu, fp16, log)
-    built_with = faiss_build_name() + (f" (trained on {where.upper()})" if where != "cpu" or use_gpu else "")
-    log(f"built {factory} over {index.ntotal} vectors in {time.perf_counter() - t0:.1f}s with {built_with}")
+def new_manifest(name: str, corpus: CorpusVectors, count: int, *, factory: str, labels: str, built_with: str,
+                 doc_prompt: str | None, query_prompt: str | None, search_params: dict | None, fp16: bool) -> dict:
+    """The manifest of a freshly built index (generation 1; files and checksums are added when written)."""
     params = default_search_params(factory)
     params.update(search_params or {})
-    manifest = {
+    return {
         "format": FORMAT,
-        "name": folder.name,
-        "teacher": teacher_name,
-        "teacher_fingerprint": teacher_fingerprint,
-        "teacher_fingerprints": variants or {teacher_fingerprint: {}},
-        "dim": int(emb.shape[1]),
+        "name": name,
+        "teacher": corpus.teacher,
+        "teacher_fingerprint": corpus.fingerprint,
+        "teacher_fingerprints": corpus.variants or {corpus.fingerprint: {}},
+        "dim": int(corpus.vectors.shape[1]),
         "metric": "inner_product",
         "normalized": True,
         "factory": factory,
         "labels": labels,
-        "count": len(docs),
-        "rows": len(docs),
+        "count": count,
+        "rows": count,
         "tombstones": 0,
-        "next_key": len(docs),
+        "next_key": count,
         "doc_prompt": doc_prompt,
         "query_prompt": query_prompt,
         "search_params": params,
@@ -183,13 +185,56 @@ def build_index(name_or_path: str | Path, corpus: str | Path | Sequence[Document
         "created": utc_now(),
         "generation": 1,
     }
+
+
+def read_corpus(folder: Path, corpus: str | Path | Sequence[Document], overwrite: bool) -> list[Document]:
+    """The documents to index, after checking the index name and that no index would be replaced by accident."""
+    if not NAME_RE.match(folder.name):
+        raise LeafkdError(f"index name {folder.name!r}: use letters, digits, '.', '_' or '-'")
+    if (folder / MANIFEST).exists() and not overwrite:
+        raise LeafkdError(f"{folder}: an index already exists (use `leafkd index add`, or --overwrite to rebuild)")
+    docs = list(corpus) if not isinstance(corpus, (str, Path)) else read_documents(corpus)
+    check_unique_ids(docs, corpus if isinstance(corpus, (str, Path)) else "documents")
+    if not docs:
+        raise LeafkdError("no documents to index")
+    return docs
+
+
+def build_index(name_or_path: str | Path, corpus: str | Path | Sequence[Document], *, teacher: str | Path | None = None,
+                model=None, vectors: np.ndarray | str | Path | None = None, factory: str = "Flat",
+                indexes_dir: str | Path = DEFAULT_INDEXES_DIR, gpu: bool | None = None, fp16: bool = False,
+                doc_prompt: str | None = None, query_prompt: str | None = None, search_params: dict | None = None,
+                teacher_fingerprint: str | None = None, overwrite: bool = False, device: str | None = None,
+                show_progress: bool = False) -> Path:
+    """Embed a corpus with the teacher and build ``indexes/<name>/`` atomically; returns the folder.
+
+    ``vectors`` (array or .npy path, one row per document in corpus order) replaces the teacher for black-box
+    teachers; then ``teacher_fingerprint`` defaults to `leafkd.models.blackbox_fingerprint` of the file.
+    ``gpu=None`` uses a GPU when FAISS sees one. ``fp16`` marks the index to be searched in float16 on GPUs.
+    """
+    folder = index_path(name_or_path, indexes_dir)
+    docs = read_corpus(folder, corpus, overwrite)
+    use_gpu = gpu_count() > 0 if gpu is None else bool(gpu)
+    if use_gpu and gpu_count() == 0:
+        raise LeafkdError("--gpu asked, but FAISS sees no GPU (is faiss-gpu installed and CUDA visible?)")
+    if vectors is not None:
+        embedded = precomputed_vectors(vectors, docs, factory, teacher, teacher_fingerprint)
+    else:
+        embedded = teacher_vectors(docs, folder, factory, teacher=teacher, model=model,
+                                   teacher_fingerprint=teacher_fingerprint, doc_prompt=doc_prompt,
+                                   query_prompt=query_prompt, device=device, show_progress=show_progress)
+    t0 = time.perf_counter()
+    index, labels, keys, where = populate(factory, embedded.vectors, use_gpu)
+    built_with = faiss_build_name() + (f" (trained on {where.upper()})" if where != "cpu" or use_gpu else "")
+    logger.info("built %s over %d vectors in %.1fs with %s", factory, index.ntotal, time.perf_counter() - t0,
+                built_with)
+    manifest = new_manifest(folder.name, embedded, len(docs), factory=factory, labels=labels, built_with=built_with,
+                            doc_prompt=doc_prompt, query_prompt=query_prompt, search_params=search_params, fp16=fp16)
     with writer_lock(folder):
         with atomic_dir(folder) as tmp:
             files = save_generation(tmp, 1, index, [d.id for d in docs], [d.title for d in docs],
                                      [d.text for d in docs], keys)
             write_json(tmp / MANIFEST, finish_manifest(tmp, manifest, files))
-    if work is not None:
-        shutil.rmtree(work, ignore_errors=True)
+    if embedded.work_dir is not None:
+        shutil.rmtree(embedded.work_dir, ignore_errors=True)
     return folder
-
-

@@ -1,32 +1,32 @@
-"""FAISS helpers: the import check, GPU resources and cloning, index factory, training and search parameters.
+"""FAISS helpers: GPU resources and cloning, index factory, training and search parameters.
 
 The FAISS factory string is the one vocabulary for index types (``Flat``, ``IVF4096,Flat``, ``HNSW32``,
-``IVF4096,PQ64``, ``SQ8``, ...).
+``IVF4096,PQ64``, ``SQ8``, ...). That FAISS is installed is checked when `leafkd.retrieval` is imported.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from typing import Any
 
+import faiss
 import numpy as np
 
 from leafkd.errors import LeafkdError
 
+logger = logging.getLogger(__name__)
 
-def import_faiss():
-    try:
-        import faiss  # noqa: PLC0415
-    except ImportError:
-        raise LeafkdError("FAISS is not installed: pip install 'leafkd[cpu]' (faiss-cpu) or 'leafkd[gpu]'") from None
-    return faiss
+
+def faiss_error(e: BaseException) -> str:
+    """A FAISS exception as one line: FAISS puts the reason on the last line of its message."""
+    return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
 
 
 def gpu_count() -> int:
     """GPUs FAISS can use (0 with faiss-cpu)."""
-    faiss = import_faiss()
     if not hasattr(faiss, "StandardGpuResources"):
         return 0
     try:
@@ -36,22 +36,18 @@ def gpu_count() -> int:
 
 
 def faiss_build_name() -> str:
-    faiss = import_faiss()
     kind = "faiss-gpu" if hasattr(faiss, "StandardGpuResources") else "faiss-cpu"
     return f"{kind} {getattr(faiss, '__version__', '?')}"
 
 
 def make_index(factory: str, dim: int):
-    faiss = import_faiss()
     try:
         return faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
     except Exception as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise LeafkdError(f"FAISS cannot make index {factory!r} for {dim}-d vectors ({msg})") from None
+        raise LeafkdError(f"FAISS cannot make index {factory!r} for {dim}-d vectors ({faiss_error(e)})") from None
 
 
 def ivf_nlist(index) -> int | None:
-    faiss = import_faiss()
     try:
         ivf = faiss.extract_index_ivf(index)
     except Exception:
@@ -63,7 +59,6 @@ def apply_search_params(index, params: dict[str, Any] | None, gpu: bool = False)
     """Set search-time knobs (``nprobe``, ``efSearch``, ...) where the index has them."""
     if not params:
         return
-    faiss = import_faiss()
     space = faiss.GpuParameterSpace() if gpu and hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
     for key, value in params.items():
         try:
@@ -94,7 +89,7 @@ class GpuResources:
     @classmethod
     def get(cls, device: int = 0):
         if device not in cls._res:
-            res = import_faiss().StandardGpuResources()
+            res = faiss.StandardGpuResources()
             temp_mb = os.environ.get("LEAFKD_FAISS_TEMP_MB")
             if temp_mb:
                 res.setTempMemory(int(float(temp_mb) * 2**20))
@@ -113,7 +108,6 @@ def gpu_cloner_options(fp16: bool = False, use_cuvs: bool | None = None, multipl
     """Cloner options for `index_to_gpu`: float16 storage (``fp16``: half the memory; the flat GEMM runs on fp16
     tensor cores) and, where this FAISS build has cuVS, whether to use it (``None``: FAISS's default, or
     ``LEAFKD_FAISS_CUVS=0/1``)."""
-    faiss = import_faiss()
     co = faiss.GpuMultipleClonerOptions() if multiple else faiss.GpuClonerOptions()
     co.useFloat16 = bool(fp16)
     if use_cuvs is None:
@@ -125,7 +119,6 @@ def gpu_cloner_options(fp16: bool = False, use_cuvs: bool | None = None, multipl
 
 def index_to_gpu(index, fp16: bool = False, shards: int = 1, use_cuvs: bool | None = None, res=None):
     """Clone a CPU index to one GPU, or shard it over ``shards`` GPUs (``-1``: all). Raises if unsupported."""
-    faiss = import_faiss()
     ngpu = gpu_count()
     if ngpu == 0:
         raise LeafkdError("no GPU visible to FAISS (faiss-cpu, or no CUDA device)")
@@ -138,13 +131,13 @@ def index_to_gpu(index, fp16: bool = False, shards: int = 1, use_cuvs: bool | No
     return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=n)
 
 
-def train_index(index, vectors: np.ndarray, use_gpu: bool, log) -> str:
+def train_index(index, vectors: np.ndarray, use_gpu: bool) -> str:
     """Train a trainable index; on a GPU the k-means runs there. Returns where it ran."""
-    faiss = import_faiss()
     nlist = ivf_nlist(index)
     if nlist is not None and len(vectors) < nlist:
+        suggest = max(1, int(4 * np.sqrt(len(vectors))))
         raise LeafkdError(f"IVF with {nlist} lists needs at least {nlist} documents to train, the corpus has "
-                          f"{len(vectors)}; use fewer lists (e.g. IVF{max(1, int(4 * np.sqrt(len(vectors))))},Flat) or Flat")
+                          f"{len(vectors)}; use fewer lists (e.g. IVF{suggest},Flat) or Flat")
     # Train on a sample: k-means quality saturates long before millions of points.
     cap = max(256 * (nlist or 1), 100_000)
     if len(vectors) > cap:
@@ -158,18 +151,17 @@ def train_index(index, vectors: np.ndarray, use_gpu: bool, log) -> str:
             ivf.clustering_index = faiss.index_cpu_to_gpu(GpuResources.get(0), 0, faiss.IndexFlatIP(ivf.d))
             where = "gpu"
         except Exception as e:
-            log(f"note: IVF training on the GPU is not available ({e}); training on the CPU")
+            logger.warning("note: IVF training on the GPU is not available (%s); training on the CPU", e)
     t0 = time.perf_counter()
     try:
         index.train(vectors)
     except Exception as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise LeafkdError(f"FAISS could not train the index ({msg})") from None
+        raise LeafkdError(f"FAISS could not train the index ({faiss_error(e)})") from None
     finally:
         if where == "gpu":
             with contextlib.suppress(Exception):
-                faiss.extract_index_ivf(index).clustering_index = None
-    log(f"trained on {len(vectors)} vectors on the {where.upper()} in {time.perf_counter() - t0:.1f}s")
+                faiss.extract_index_ivf(index).clustering_index = None  # type: ignore[assignment]  # SWIG: nullptr
+    logger.info("trained on %d vectors on the %s in %.1fs", len(vectors), where.upper(), time.perf_counter() - t0)
     return where
 
 
@@ -182,7 +174,6 @@ def add_vectors(index, vectors: np.ndarray, keys: np.ndarray | None) -> None:
 
 def supports_ids(index) -> bool:
     """Whether the index stores explicit labels (IVF family) -- probed on an empty clone so nothing is touched."""
-    faiss = import_faiss()
     try:
         probe = faiss.clone_index(index)
         if not probe.is_trained:

@@ -24,19 +24,22 @@ How FAISS labels map to document rows (``manifest["labels"]``):
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 
 from leafkd.data.documents import Document
 from leafkd.errors import LeafkdError
 from leafkd.retrieval.docstore import read_docs
-from leafkd.retrieval.faiss_utils import apply_search_params, gpu_count, import_faiss, index_to_gpu
+from leafkd.retrieval.faiss_utils import apply_search_params, faiss_error, gpu_count, index_to_gpu
 from leafkd.retrieval.manifest import DEFAULT_INDEXES_DIR, index_path, read_manifest, verify_index
 from leafkd.vectors import normalize
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,8 +116,9 @@ class DocIndex:
         return str(self.manifest["teacher_fingerprint"])
 
     def accepts_fingerprint(self, fp: str | None) -> bool:
-        """Whether vectors from a teacher with fingerprint ``fp`` (any capture prompt/normalisation) share this space."""
-        return fp is not None and (fp == self.teacher_fingerprint or fp in self.manifest.get("teacher_fingerprints", {}))
+        """Whether vectors of a teacher with fingerprint ``fp`` (any capture prompt/normalisation) share this space."""
+        known = self.manifest.get("teacher_fingerprints", {})
+        return fp is not None and (fp == self.teacher_fingerprint or fp in known)
 
     def nbytes(self) -> int:
         """Bytes of the index file (a good proxy for its memory)."""
@@ -125,6 +129,14 @@ class DocIndex:
 
     def __contains__(self, doc_id: str) -> bool:
         return doc_id in self._row_of_id
+
+    def live_ids(self) -> frozenset[str]:
+        """The ids of the documents in the index (deleted rows excluded)."""
+        return frozenset(self._row_of_id)
+
+    def row_of(self, doc_id: str) -> int:
+        """The row of a document in the store (and, for ``positions`` labels, in FAISS)."""
+        return self._row_of_id[doc_id]
 
     def document(self, doc_id: str) -> Document:
         r = self._row_of_id[doc_id]
@@ -138,8 +150,7 @@ class DocIndex:
         except LeafkdError:
             raise
         except Exception as e:
-            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise LeafkdError(f"index {self.manifest['factory']!r} cannot move to the GPU ({msg})") from None
+            raise LeafkdError(f"index {self.manifest['factory']!r} cannot move to the GPU ({faiss_error(e)})") from None
         apply_search_params(gpu, self.manifest.get("search_params"), gpu=True)
         self.search_index = gpu
         n = gpu_count() if shards < 0 else min(max(shards, 1), gpu_count())
@@ -160,10 +171,11 @@ class DocIndex:
         # FAISS GPU indexes cap k (2048); a deeper search runs on the CPU copy.
         engine = self.search_index if k <= 2048 or self.search_index is self.index else self.index
         scores, labels = engine.search(queries, k)
-        if self.manifest["labels"] == "keys":
-            pos = np.searchsorted(self.keys, labels)
-            pos = np.minimum(pos, len(self.keys) - 1)
-            rows = np.where((labels >= 0) & (self.keys[pos] == labels), pos, -1)
+        keys = self.keys
+        if self.manifest["labels"] == "keys" and keys is not None:  # load_index checked there are keys
+            pos = np.searchsorted(keys, labels)
+            pos = np.minimum(pos, len(keys) - 1)
+            rows = np.where((labels >= 0) & (keys[pos] == labels), pos, -1)
         else:
             rows = labels
         out_rows, out_scores = [], []
@@ -190,7 +202,6 @@ def load_index(name_or_path: str | Path, indexes_dir: str | Path = DEFAULT_INDEX
                gpu: bool | None = False, fp16: bool | None = None, shards: int = 1,
                search_params: dict | None = None) -> DocIndex:
     """Load an index folder (verifying checksums); ``gpu=True`` searches on the GPU(s), ``None``: if present."""
-    faiss = import_faiss()
     folder = index_path(name_or_path, indexes_dir)
     manifest = read_manifest(folder)
     if verify:
@@ -202,7 +213,8 @@ def load_index(name_or_path: str | Path, indexes_dir: str | Path = DEFAULT_INDEX
     try:
         index = faiss.read_index(str(folder / manifest["files"]["index"]))
     except Exception as e:
-        raise LeafkdError(f"{folder}: FAISS cannot read {manifest['files']['index']} ({str(e).strip()[:200]})") from None
+        raise LeafkdError(f"{folder}: FAISS cannot read {manifest['files']['index']} "
+                          f"({str(e).strip()[:200]})") from None
     ids, titles, texts = read_docs(folder / manifest["files"]["docs"])
     keys = np.load(folder / manifest["files"]["keys"]) if "keys" in manifest["files"] else None
     if manifest["labels"] == "keys":
@@ -223,7 +235,7 @@ def load_index(name_or_path: str | Path, indexes_dir: str | Path = DEFAULT_INDEX
         except LeafkdError as e:
             if gpu:  # asked for explicitly
                 raise
-            print(f"note: searching on the CPU: {e}", file=sys.stderr)  # e.g. HNSW has no GPU version
+            logger.warning("note: searching on the CPU: %s", e)  # e.g. HNSW has no GPU version
     return doc_index
 
 

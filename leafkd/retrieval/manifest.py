@@ -10,12 +10,12 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from leafkd.atomic import atomic_path, sha256_file, write_npy
 from leafkd.errors import LeafkdError
 from leafkd.retrieval.docstore import write_docs
-from leafkd.retrieval.faiss_utils import import_faiss
 
 FORMAT = "leafkd-index/1"
 
@@ -61,7 +61,6 @@ def writer_lock(folder: Path) -> Iterator[None]:
 
 def save_generation(folder: Path, gen: int, index, ids, titles, texts, keys: np.ndarray | None) -> dict[str, str]:
     """Write the data files of generation ``gen`` (each atomically) and return {role: filename}."""
-    faiss = import_faiss()
     files = {"index": f"index.{gen}.faiss", "docs": f"docs.{gen}.jsonl"}
     with atomic_path(folder / files["index"]) as tmp:
         faiss.write_index(index, str(tmp))

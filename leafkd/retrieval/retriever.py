@@ -10,8 +10,9 @@ black-box teachers whose fingerprint cannot be checked).
 from __future__ import annotations
 
 import gc
-import sys
+import logging
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,26 @@ from leafkd.retrieval.manifest import DEFAULT_INDEXES_DIR
 from leafkd.retrieval.query_encoder import QueryEncoder
 from leafkd.student.info import read_student_info
 
-MODES = ("asymmetric", "teacher", "student")
+logger = logging.getLogger(__name__)
+
+
+class Mode(str, Enum):
+    """Which model embeds the queries, and which index it may search."""
+
+    ASYMMETRIC = "asymmetric"  # a student over its teacher's index
+    TEACHER = "teacher"  # the teacher over the index it built
+    STUDENT = "student"  # a student over an index it built itself
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, value: str | Mode) -> Mode:
+        """The mode named ``value``; an unknown name is a one-line `LeafkdError`."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise LeafkdError(f"unknown mode {value!r} (use {', '.join(m.value for m in cls)})") from None
 
 
 def load_encoder(path: str | Path, prompt: str | None, device: str | None, dtype) -> QueryEncoder:
@@ -35,9 +55,15 @@ def load_encoder(path: str | Path, prompt: str | None, device: str | None, dtype
     return QueryEncoder(load_model(p, device=dev), prompt=prompt, device=dev, dtype=dtype, name=str(p))
 
 
-def check_student(student: str | Path, index: DocIndex, allow_mismatch: bool = False, warn=None) -> dict:
+def refuse_mismatch(problem: str, allow_mismatch: bool, advice: str) -> None:
+    """A fingerprint mismatch is an error, or a warning when the check was overridden."""
+    if not allow_mismatch:
+        raise LeafkdError(problem + advice)
+    logger.warning("warning: %s; continuing because the fingerprint check was overridden", problem)
+
+
+def check_student(student: str | Path, index: DocIndex, allow_mismatch: bool = False) -> dict:
     """Refuse a student that was not trained into the index's teacher space; returns its leafkd.json."""
-    warn = warn or (lambda m: print(m, file=sys.stderr))
     info = read_student_info(student)
     fp = info.get("teacher_fingerprint")
     want = index.teacher_fingerprint
@@ -50,68 +76,62 @@ def check_student(student: str | Path, index: DocIndex, allow_mismatch: bool = F
     else:
         problem = (f"the student {student} was trained for teacher {info.get('teacher')!r} (fingerprint {fp[:12]}), "
                    f"but the index was built by {index.manifest.get('teacher')!r} (fingerprint {want[:12]})")
-    if not allow_mismatch:
-        raise LeafkdError(problem + "; its queries would land in another vector space "
-                          "(use --allow-fingerprint-mismatch only for a black-box teacher you know is the same)")
-    warn(f"warning: {problem}; continuing because the fingerprint check was overridden")
+    refuse_mismatch(problem, allow_mismatch, "; its queries would land in another vector space "
+                    "(use --allow-fingerprint-mismatch only for a black-box teacher you know is the same)")
     return info
 
 
-def check_model_built_index(model_path: str | Path, index: DocIndex, allow_mismatch: bool = False, warn=None) -> None:
+def check_model_built_index(model_path: str | Path, index: DocIndex, allow_mismatch: bool = False) -> None:
     """Refuse to query an index with a model that is not the one that embedded its documents."""
     from leafkd.models import fingerprint, resolve_model
 
-    warn = warn or (lambda m: print(m, file=sys.stderr))
     fp = fingerprint(resolve_model(model_path))
     if fp == index.teacher_fingerprint:
         return
     problem = (f"{model_path} (fingerprint {fp[:12]}) is not the model that built the index "
                f"({index.manifest.get('teacher')!r}, fingerprint {index.teacher_fingerprint[:12]})")
-    if not allow_mismatch:
-        raise LeafkdError(problem + " (use --allow-fingerprint-mismatch to override)")
-    warn(f"warning: {problem}; continuing because the fingerprint check was overridden")
+    refuse_mismatch(problem, allow_mismatch, " (use --allow-fingerprint-mismatch to override)")
 
 
 class Retriever:
     """An index plus the encoder that embeds its queries."""
 
-    def __init__(self, index: DocIndex, encoder: QueryEncoder, mode: str = "asymmetric") -> None:
-        if mode not in MODES:
-            raise LeafkdError(f"unknown mode {mode!r} (use {', '.join(MODES)})")
+    def __init__(self, index: DocIndex, encoder: QueryEncoder, mode: str | Mode = Mode.ASYMMETRIC) -> None:
+        mode = Mode.parse(mode)
         if encoder.dim and encoder.dim != index.dim:
             raise LeafkdError(f"the query encoder emits {encoder.dim}-d vectors, the index is {index.dim}-d")
         self.index = index
         self.encoder = encoder
-        self.mode = mode
+        self.mode: Mode = mode
 
     @classmethod
     def load(cls, index: str | Path | DocIndex, *, student: str | Path | None = None, teacher: str | Path | None = None,
-             mode: str = "asymmetric", indexes_dir: str | Path = DEFAULT_INDEXES_DIR, device: str | None = None,
-             dtype: str | torch.dtype | None = None, gpu: bool | None = None, fp16: bool | None = None,
-             shards: int = 1, allow_fingerprint_mismatch: bool = False, query_prompt: str | None = None,
-             verify: bool = True, warn=None) -> Retriever:
+             mode: str | Mode = Mode.ASYMMETRIC, indexes_dir: str | Path = DEFAULT_INDEXES_DIR,
+             device: str | None = None, dtype: str | torch.dtype | None = None, gpu: bool | None = None,
+             fp16: bool | None = None, shards: int = 1, allow_fingerprint_mismatch: bool = False,
+             query_prompt: str | None = None, verify: bool = True) -> Retriever:
         """Load an index and the encoder for ``mode``, checking they share one vector space.
 
         - ``asymmetric``: queries by ``student``, whose leafkd.json teacher fingerprint must be the index's.
         - ``teacher``: queries by ``teacher`` (default: the teacher recorded in the index), which must have built it.
         - ``student``: queries by ``student`` over an index the student built itself.
         """
-        if mode not in MODES:
-            raise LeafkdError(f"unknown mode {mode!r} (use {', '.join(MODES)})")
+        mode = Mode.parse(mode)
         doc_index = index if isinstance(index, DocIndex) else load_index(index, indexes_dir, verify=verify, gpu=gpu,
                                                                         fp16=fp16, shards=shards)
         allow = allow_fingerprint_mismatch
-        if mode == "asymmetric":
+        if mode is Mode.ASYMMETRIC:
             if student is None:
                 raise LeafkdError("mode asymmetric needs a student model (--student)")
-            info = check_student(student, doc_index, allow, warn)
+            info = check_student(student, doc_index, allow)
             prompt = query_prompt if query_prompt is not None else info.get("query_prompt")
             path = student
-        elif mode == "teacher":
-            path = teacher if teacher is not None else doc_index.manifest.get("teacher")
-            if path is None or not Path(str(path)).is_dir():
+        elif mode is Mode.TEACHER:
+            recorded = teacher if teacher is not None else doc_index.manifest.get("teacher")
+            if recorded is None or not Path(str(recorded)).is_dir():
                 raise LeafkdError("mode teacher needs the teacher model folder (--teacher)")
-            check_model_built_index(path, doc_index, allow, warn)
+            path = recorded
+            check_model_built_index(path, doc_index, allow)
             prompt = query_prompt
             if prompt is None:
                 prompt = doc_index.manifest.get("query_prompt")
@@ -120,7 +140,7 @@ class Retriever:
         else:
             if student is None:
                 raise LeafkdError("mode student needs a student model (--student)")
-            check_model_built_index(student, doc_index, allow, warn)
+            check_model_built_index(student, doc_index, allow)
             prompt = query_prompt if query_prompt is not None else doc_index.manifest.get("query_prompt")
             path = student
         encoder = load_encoder(path, prompt, device, dtype)
@@ -159,7 +179,7 @@ class Retriever:
             "encoder_device": str(self.encoder.device),
             "encoder_dtype": str(self.encoder.dtype).replace("torch.", ""),
             "encoder_fast_path": bool(getattr(self.encoder, "fast", False)),
-            "cuda_graphs": len(getattr(self.encoder, "_graphs", {})),
+            "cuda_graphs": getattr(self.encoder, "cuda_graphs", 0),
             "cuda_graph_error": getattr(self.encoder, "graph_error", None),
             "index": str(self.index.path),
             "index_device": self.index.device,

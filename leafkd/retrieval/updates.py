@@ -10,7 +10,7 @@ import numpy as np
 from leafkd.atomic import write_json
 from leafkd.data.documents import Document, check_unique_ids, read_documents
 from leafkd.errors import LeafkdError
-from leafkd.retrieval.build import embed_documents, log_default
+from leafkd.retrieval.build import embed_documents
 from leafkd.retrieval.faiss_utils import add_vectors
 from leafkd.retrieval.index import load_index
 from leafkd.retrieval.manifest import (
@@ -26,7 +26,8 @@ from leafkd.vectors import normalize
 
 
 def check_teacher(manifest: dict, teacher_fingerprint: str, allow_mismatch: bool) -> None:
-    known = teacher_fingerprint == manifest["teacher_fingerprint"] or teacher_fingerprint in manifest.get("teacher_fingerprints", {})
+    known = (teacher_fingerprint == manifest["teacher_fingerprint"]
+             or teacher_fingerprint in manifest.get("teacher_fingerprints", {}))
     if not known and not allow_mismatch:
         raise LeafkdError(f"the teacher (fingerprint {teacher_fingerprint[:12]}) is not the one that built this index "
                           f"({manifest['teacher_fingerprint'][:12]}, {manifest.get('teacher')})")
@@ -42,10 +43,11 @@ def commit(folder: Path, manifest: dict, index, ids, titles, texts, keys) -> dic
     return manifest
 
 
-def add_documents(name_or_path: str | Path, corpus: str | Path | Sequence[Document], *, teacher: str | Path | None = None,
-                  model=None, vectors: np.ndarray | None = None, indexes_dir: str | Path = DEFAULT_INDEXES_DIR,
-                  teacher_fingerprint: str | None = None, allow_fingerprint_mismatch: bool = False,
-                  device: str | None = None, show_progress: bool = False, log=log_default) -> dict:
+def add_documents(name_or_path: str | Path, corpus: str | Path | Sequence[Document], *,
+                  teacher: str | Path | None = None, model=None, vectors: np.ndarray | None = None,
+                  indexes_dir: str | Path = DEFAULT_INDEXES_DIR, teacher_fingerprint: str | None = None,
+                  allow_fingerprint_mismatch: bool = False, device: str | None = None,
+                  show_progress: bool = False) -> dict:
     """Embed new documents with the index's teacher and add them; returns the new manifest.
 
     The teacher defaults to the one recorded in the manifest; its fingerprint must match the index's.
@@ -57,7 +59,10 @@ def add_documents(name_or_path: str | Path, corpus: str | Path | Sequence[Docume
         current = load_index(folder)
         manifest = current.manifest
         start = int(manifest["next_key"])
-        docs = list(corpus) if not isinstance(corpus, (str, Path)) else read_documents(corpus, id_start=start, taken=current._row_of_id.keys())
+        if isinstance(corpus, (str, Path)):
+            docs = read_documents(corpus, id_start=start, taken=current.live_ids())
+        else:
+            docs = list(corpus)
         check_unique_ids(docs, corpus if isinstance(corpus, (str, Path)) else "documents")
         clash = [d.id for d in docs if d.id in current]
         if clash:
@@ -74,9 +79,10 @@ def add_documents(name_or_path: str | Path, corpus: str | Path | Sequence[Docume
             if model is None:
                 src = teacher if teacher is not None else manifest.get("teacher")
                 try:
-                    tpath = resolve_model(src)
+                    tpath = resolve_model(str(src))
                 except LeafkdError:
-                    raise LeafkdError(f"the index's teacher {src!r} is not a model folder here; pass --teacher") from None
+                    raise LeafkdError(f"the index's teacher {src!r} is not a model folder here; "
+                                      "pass --teacher") from None
                 teacher_fingerprint = teacher_fingerprint or fingerprint(tpath)
                 check_teacher(manifest, teacher_fingerprint, allow_fingerprint_mismatch)
                 import torch
@@ -87,7 +93,7 @@ def add_documents(name_or_path: str | Path, corpus: str | Path | Sequence[Docume
                     raise LeafkdError("an in-memory teacher model needs teacher_fingerprint")
                 check_teacher(manifest, teacher_fingerprint, allow_fingerprint_mismatch)
             emb = embed_documents(model, docs, prompt=manifest.get("doc_prompt"), device=device,
-                                  show_progress=show_progress, log=log)
+                                  show_progress=show_progress)
         if emb.shape[1] != current.dim:
             raise LeafkdError(f"the teacher emits {emb.shape[1]}-d vectors, the index is {current.dim}-d")
         index = current.index
@@ -117,12 +123,12 @@ def delete_documents(name_or_path: str | Path, doc_ids: Sequence[str], *, indexe
         if unknown and not missing_ok:
             raise LeafkdError(f"{len(unknown)} id(s) not in the index: {', '.join(unknown[:5])}"
                               f"{', ...' if len(unknown) > 5 else ''}")
-        rows = np.array(sorted(current._row_of_id[d] for d in wanted if d in current), dtype=np.int64)
+        rows = np.array(sorted(current.row_of(d) for d in wanted if d in current), dtype=np.int64)
         if len(rows) == 0:
             return manifest
         index = current.index
         ids, titles, texts, keys = list(current.ids), list(current.titles), list(current.texts), current.keys
-        labels = keys[rows] if manifest["labels"] == "keys" else rows
+        labels = keys[rows] if manifest["labels"] == "keys" and keys is not None else rows
         before = int(index.ntotal)
         try:
             removed = int(index.remove_ids(np.ascontiguousarray(labels, dtype=np.int64)))

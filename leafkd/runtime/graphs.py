@@ -1,13 +1,15 @@
-"""CUDA graphs of the packed training step: forward, loss and backward replayed with one launch per batch.
+"""CUDA graphs: `GraphCapture` (one capture routine, used by training and by the query encoder) and the graphed
+packed training step (forward, loss and backward replayed with one launch per batch).
 
 A compiled packed step of a small student is some hundreds of kernels of a few microseconds each; at the batch
 sizes distillation uses, Python issues them more slowly than the GPU runs them (on an H100, MiniLM: 14.4 ms per
 step at batch 512 and 20.1 ms at 1024, half the tokens for 72% of the time; with graphs 8.7 and 15.2 ms, see
-eval/BENCHMARKS.md). A CUDA graph replays the whole step from one call. Graphs need fixed shapes, so batches are packed with a token bucket (`pack(bucket=,
-width=)`: filler tokens up to a multiple of the bucket, the padded view fixed at the longest training text);
-each shape is captured on its second appearance (its first runs eagerly, which also compiles it) and replayed
-after that. The optimiser step stays eager (a few fused launches). Any capture failure turns graphs off for the
-run, with the reason kept in `disabled`, and training goes on eagerly: graphs only ever change the speed.
+eval/BENCHMARKS.md). A CUDA graph replays the whole step from one call. Graphs need fixed shapes, so batches are
+packed with a token bucket (`pack(bucket=, width=)`: filler tokens up to a multiple of the bucket, the padded view
+fixed at the longest training text); each shape is captured on its second appearance (its first runs eagerly,
+which also compiles it) and replayed after that. The optimiser step stays eager (a few fused launches). Any
+capture failure turns graphs off for the run, with the reason kept in `disabled`, and training goes on eagerly:
+graphs only ever change the speed.
 """
 
 from __future__ import annotations
@@ -15,11 +17,73 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
 
 from leafkd.runtime.packed import Packed
+
+S = TypeVar("S")
+T = TypeVar("T")
+
+
+@dataclass
+class CapturedGraph(Generic[S, T]):
+    """A captured CUDA graph: copy new data into ``inputs``, ``graph.replay()``, then read ``outputs``."""
+
+    graph: torch.cuda.CUDAGraph
+    inputs: S  # static input tensors (their addresses are baked into the graph)
+    outputs: T  # static outputs, overwritten by each replay
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg[:300]}" if msg else type(e).__name__
+
+
+class GraphCapture:
+    """Captures callables into CUDA graphs on one device; all graphs share one memory pool.
+
+    Graphs that are replayed one at a time can share a pool, so many captured shapes cost about the memory of the
+    largest. A capture that fails returns None and keeps the reason, one line, in ``error``: callers fall back to
+    running eagerly, so graphs only ever change the speed.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pool: Any = None
+        self.error: str | None = None
+
+    def __call__(self, prepare: Callable[[], S], run: Callable[[S], T], warmup: int = 0) -> CapturedGraph[S, T] | None:
+        """Capture ``run(prepare())``: ``prepare`` makes the static inputs (outside the graph), ``run`` the work.
+
+        ``warmup`` eager runs on a side stream first load kernels and cuBLAS workspaces outside the capture.
+        """
+        try:
+            inputs = prepare()
+            if warmup:
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    for _ in range(warmup):
+                        run(inputs)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads (a batch builder pinning host memory) may call CUDA during the capture.
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                outputs = run(inputs)
+        except Exception as e:  # not capturable here (an op that syncs, an old driver or torch)
+            self.error = error_line(e)
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize(self.device)
+            return None
+        return CapturedGraph(graph, inputs, outputs)
 
 
 def bucket_tokens(mean_tokens_per_batch: float, width: int) -> int:
@@ -49,15 +113,15 @@ class GraphedTrainStep:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self.max_graphs = max_graphs
-        self.graphs: dict[tuple, tuple] = {}
+        self.graphs: dict[tuple, CapturedGraph] = {}
         self.seen: Counter = Counter()
-        self.pool = None
+        self.capture = GraphCapture(self.device)
         self.disabled: str | None = None
         self.replays = 0
         self.eager_steps = 0
 
     def zero_grad(self) -> None:
-        torch._foreach_zero_([p.grad for p in self.params])
+        torch._foreach_zero_([p.grad for p in self.params])  # type: ignore[misc]  # set in __init__, never None
 
     def _compute(self, packed: Packed, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # Autocast's weight cache would keep graph-pool copies alive across captures: off (as torch.cuda.graph asks).
@@ -69,25 +133,18 @@ class GraphedTrainStep:
         loss.backward()
         return loss.detach(), {k: v.detach() for k, v in parts.items()}
 
-    def _capture(self, key: tuple, packed: Packed, idx: torch.Tensor) -> tuple | None:
-        try:
-            static_packed = packed.to(self.device)
-            static_idx = idx.to(self.device, non_blocking=True)
-            torch.cuda.synchronize(self.device)
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: the batch-building thread may pin host memory while this thread captures.
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                self.zero_grad()
-                loss, parts = self._compute(static_packed, static_idx)
-        except Exception as e:  # not capturable here (an op that syncs, an old driver): eager from now on
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            self.disabled = f"{type(e).__name__}: {msg[:300]}"
-            with contextlib.suppress(Exception):
-                torch.cuda.synchronize(self.device)
+    def _capture(self, key: tuple, packed: Packed, idx: torch.Tensor) -> CapturedGraph | None:
+        def static_inputs() -> tuple[Packed, torch.Tensor]:
+            return packed.to(self.device), idx.to(self.device, non_blocking=True)
+
+        def step(inputs: tuple[Packed, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            self.zero_grad()
+            return self._compute(*inputs)
+
+        entry = self.capture(static_inputs, step)
+        if entry is None:  # eager from now on
+            self.disabled = self.capture.error
             return None
-        entry = (graph, static_packed, static_idx, loss, parts)
         self.graphs[key] = entry
         return entry
 
@@ -102,10 +159,10 @@ class GraphedTrainStep:
             self.eager_steps += 1
             self.zero_grad()
             return self._compute(packed.to(self.device), idx.to(self.device, non_blocking=True))
-        graph, static_packed, static_idx, loss, parts = entry
+        (static_packed, static_idx), (loss, parts) = entry.inputs, entry.outputs
         static_packed.copy_(packed)
         static_idx.copy_(idx, non_blocking=True)
-        graph.replay()
+        entry.graph.replay()
         self.replays += 1
         return loss, parts
 

@@ -67,6 +67,11 @@ class MicroBatcher:
             self._thread = None
 
     @property
+    def alive(self) -> bool:
+        """Whether the worker thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def depth(self) -> int:
         return self._pending
 

@@ -6,7 +6,7 @@ import threading
 
 
 def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning", sock=None,
-          graceful_timeout: float = 30.0) -> None:
+          graceful_timeout: int = 30) -> None:
     """Run the app with uvicorn until SIGINT/SIGTERM, then shut down gracefully and return normally.
 
     On the first signal the server stops accepting connections, in-flight requests finish (up to

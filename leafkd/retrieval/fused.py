@@ -1,0 +1,92 @@
+"""The fused query forward of Transformer -> mean Pooling -> [Dense]* -> [Normalize] models.
+
+For these models (students and the usual teachers) queries run through the Hugging Face model directly, then
+masked mean pooling, projection and normalisation in one small function: no sentence-transformers per-call
+feature plumbing, and the whole pass can be captured in a CUDA graph. Other architectures keep the model's own
+forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# sentence-transformers < 6.1 keeps one flag per pooling mode; mean pooling is the mean flag alone.
+_OTHER_MODE_FLAGS = ("pooling_mode_cls_token", "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
+                     "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
+
+
+def is_mean_pooling(module) -> bool:
+    """Whether a sentence-transformers Pooling module does plain mean pooling and nothing else."""
+    mode = getattr(module, "pooling_mode", None)
+    if isinstance(mode, (list, tuple)) and len(mode) == 1:
+        mode = mode[0]
+    if mode == "mean":
+        return True
+    if isinstance(mode, str) or mode is not None:
+        return False
+    return (bool(getattr(module, "pooling_mode_mean_tokens", False))
+            and not any(getattr(module, a, False) for a in _OTHER_MODE_FLAGS))
+
+
+@dataclass
+class FusedForward:
+    """Token ids + attention mask -> normalised float32 sentence vectors, as the model's own modules compute them."""
+
+    auto: torch.nn.Module  # the Hugging Face model inside the Transformer module
+    dense: list[tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]]  # (linear, activation) per Dense
+    lower: bool  # the Transformer module lower-cases texts before tokenising
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.auto(input_ids=ids, attention_mask=mask)[0]  # last_hidden_state
+        m = mask.to(hidden.dtype).unsqueeze(1)  # [B, 1, L]
+        summed = torch.bmm(m, hidden).squeeze(1).float()  # masked sum over tokens, fp32 accumulate
+        x = summed / mask.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)
+        x = x.to(hidden.dtype)
+        for linear, act in self.dense:
+            x = act(linear(x))
+        return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+def _dense_layer(module) -> tuple[torch.nn.Module, Callable] | None:
+    """(linear, activation) of a plain Dense module on the sentence embedding, or None for anything else."""
+    if getattr(module, "use_residual", False):
+        return None
+    for attr in ("module_input_name", "module_output_name"):
+        if getattr(module, attr, "sentence_embedding") != "sentence_embedding":
+            return None
+    return module.linear, module.activation_function
+
+
+def fused_forward(model, prompt: str | None = None) -> FusedForward | None:
+    """The fused forward of a Transformer -> mean Pooling -> [Dense]* -> [Normalize] model, or None otherwise."""
+    try:
+        modules = list(model)
+    except TypeError:
+        return None
+    if len(modules) < 2:
+        return None
+    names = [type(m).__name__ for m in modules]
+    if names[0] != "Transformer" or names[1] != "Pooling" or not is_mean_pooling(modules[1]):
+        return None
+    if prompt and getattr(modules[1], "include_prompt", True) is False:
+        return None  # prompt tokens would have to be masked out of the pooling
+    auto = getattr(modules[0], "auto_model", None)
+    if auto is None:
+        return None
+    dense, normalized = [], False
+    for m, name in zip(modules[2:], names[2:]):
+        if normalized:
+            return None  # something after Normalize
+        if name == "Dense":
+            layer = _dense_layer(m)
+            if layer is None:
+                return None
+            dense.append(layer)
+        elif name == "Normalize":
+            normalized = True
+        else:
+            return None
+    return FusedForward(auto, dense, bool(getattr(modules[0], "do_lower_case", False)))

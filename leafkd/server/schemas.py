@@ -1,0 +1,106 @@
+"""Request and response bodies of the search server; the request models are made from the server's `Limits`."""
+
+# No `from __future__ import annotations`: FastAPI and pydantic read these annotations as real types at runtime.
+
+from typing import Annotated, Any, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from leafkd.server.limits import Limits
+
+
+def one_or_batch(one: str | None, batch: list[str] | None, names: tuple[str, str]) -> list[str]:
+    """The texts of a request that gives exactly one of a single text and a batch (``names``: their fields);
+    blank texts and texts that are not valid Unicode (lone surrogates from JSON escapes) are refused."""
+    if (one is None) == (batch is None):
+        raise ValueError(f"give exactly one of '{names[0]}' or '{names[1]}'")
+    texts = [one] if one is not None else list(batch or [])
+    what = names[1]
+    for t in texts:
+        if not t.strip():
+            raise ValueError(f"{what} must not be empty or only whitespace")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{what} must be valid Unicode (no lone surrogates)") from None
+    return texts
+
+
+class HitOut(BaseModel):
+    id: str
+    score: float
+    title: str | None = None
+    text: str | None = None
+
+
+class QueryResult(BaseModel):
+    query: str
+    hits: list[HitOut]
+
+
+class SearchResponse(BaseModel):
+    results: list[QueryResult]
+    mode: str
+    took_ms: float
+
+
+class EmbedResponse(BaseModel):
+    embeddings: list[list[float]]
+    dim: int
+    model: str
+    took_ms: float
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: Any = None
+
+
+# The error answers every protected endpoint documents in the OpenAPI schema.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse}
+                                                    for code in (400, 401, 413, 422, 503)}
+
+
+class RequestModels(NamedTuple):
+    search: type[BaseModel]  # has .texts() -> list[str], .top_k, .include_text
+    embed: type[BaseModel]  # has .all() -> list[str]
+
+
+def request_models(limits: Limits) -> RequestModels:
+    """The /search and /embed request bodies, with the limits in their fields (and so in the OpenAPI schema)."""
+    Text = Annotated[str, Field(min_length=1, max_length=limits.max_query_chars)]
+
+    class SearchRequest(BaseModel):
+        """One query (``query``) or a batch (``queries``)."""
+
+        model_config = ConfigDict(extra="forbid")
+        query: Text | None = Field(None, description="a single query")
+        queries: list[Text] | None = Field(None, min_length=1, max_length=limits.max_queries,
+                                              description="a batch of queries")
+        top_k: int = Field(10, ge=1, le=limits.max_top_k, strict=True, description="documents per query")
+        include_text: bool = Field(True, strict=True, description="return titles and texts, not only ids")
+
+        @model_validator(mode="after")
+        def _one_of(self):
+            one_or_batch(self.query, self.queries, ("query", "queries"))
+            return self
+
+        def texts(self) -> list[str]:
+            return [self.query] if self.query is not None else list(self.queries or [])
+
+    class EmbedRequest(BaseModel):
+        """One text (``text``) or a batch (``texts``), embedded by the query encoder."""
+
+        model_config = ConfigDict(extra="forbid")
+        text: Text | None = None
+        texts: list[Text] | None = Field(None, min_length=1, max_length=limits.max_queries)
+
+        @model_validator(mode="after")
+        def _one_of(self):
+            one_or_batch(self.text, self.texts, ("text", "texts"))
+            return self
+
+        def all(self) -> list[str]:
+            return [self.text] if self.text is not None else list(self.texts or [])
+
+    return RequestModels(SearchRequest, EmbedRequest)
