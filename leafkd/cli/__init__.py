@@ -30,14 +30,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.Handler):
+    """One plain line per record on whatever sys.stderr is when the record is emitted."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - logging must never break a command
+            self.handleError(record)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Library log records on stderr, one plain line each (the CLI's own results go to stdout)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("leafkd")
-    root.handlers[:] = [handler]
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _StderrHandler)] + [_StderrHandler()]
     root.setLevel(level)
-    root.propagate = False
 
 
 def run(func: Callable[[], int | None]) -> int:

@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 
 from leafkd.atomic import atomic_dir, write_json, write_npy
-from leafkd.data.documents import Document, check_unique_ids, read_documents
-from leafkd.data.sources import join_title
+from leafkd.data.documents import Document, check_unique_ids, join_title, read_documents
 from leafkd.errors import LeafkdError
 from leafkd.retrieval.faiss_utils import (
     add_vectors,
@@ -123,7 +122,7 @@ def teacher_vectors(docs: Sequence[Document], folder: Path, factory: str, *, tea
                     teacher_fingerprint: str | None, doc_prompt: str | None, query_prompt: str | None,
                     device: str | None, show_progress: bool) -> CorpusVectors:
     """Embed the corpus with the teacher (a folder, or an in-memory model with its fingerprint), resumably."""
-    from leafkd.models import load_model
+    from leafkd.models import embedding_dimension, load_model
 
     if teacher is None and model is None:
         raise LeafkdError("a teacher model (or precomputed vectors) is needed to build an index")
@@ -132,7 +131,7 @@ def teacher_vectors(docs: Sequence[Document], folder: Path, factory: str, *, tea
         import torch
 
         model = load_model(tpath, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))  # type: ignore[arg-type]
-    make_index(factory, int(model.get_sentence_embedding_dimension() or 0))  # fail before embedding
+    make_index(factory, embedding_dimension(model))  # fail before embedding
     # A resumable work folder keyed by what determines the vectors.
     h = hashlib.sha256(json.dumps([teacher_fingerprint, doc_prompt, len(docs), docs[0].id, docs[-1].id,
                                    BUILD_CHUNK]).encode()).hexdigest()[:12]

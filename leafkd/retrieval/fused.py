@@ -13,22 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-# sentence-transformers < 6.1 keeps one flag per pooling mode; mean pooling is the mean flag alone.
-_OTHER_MODE_FLAGS = ("pooling_mode_cls_token", "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
-                     "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
-
-
-def is_mean_pooling(module) -> bool:
-    """Whether a sentence-transformers Pooling module does plain mean pooling and nothing else."""
-    mode = getattr(module, "pooling_mode", None)
-    if isinstance(mode, (list, tuple)) and len(mode) == 1:
-        mode = mode[0]
-    if mode == "mean":
-        return True
-    if isinstance(mode, str) or mode is not None:
-        return False
-    return (bool(getattr(module, "pooling_mode_mean_tokens", False))
-            and not any(getattr(module, a, False) for a in _OTHER_MODE_FLAGS))
+from leafkd.modules import is_mean_pooling
 
 
 @dataclass

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from leafkd.models import embedding_dimension
 from leafkd.retrieval.fused import fused_forward
 from leafkd.retrieval.shapes import GRAPH_BATCHES, graph_shape, graph_shapes, length_bucket, length_buckets
 from leafkd.runtime.graphs import CapturedGraph, GraphCapture
@@ -53,8 +54,7 @@ class QueryEncoder:
         model.to(self.device)
         if self.dtype != torch.float32:
             model.to(self.dtype)
-        dim_of = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-        self.dim = int(dim_of() or 0)
+        self.dim = embedding_dimension(model)
         self.pad_id = model.tokenizer.pad_token_id or 0
         self._fused = fused_forward(model, self.prompt)
         self._tokenizer = self._make_tokenizer(model.tokenizer)

@@ -142,7 +142,7 @@ def unsupported_reason(model: SentenceTransformer) -> str | None:
     """None when `model` can run packed; otherwise why not (one line)."""
     # Imported here: whoever made `model` has loaded sentence-transformers; at module level it would add
     # seconds to every import of leafkd.runtime.
-    from leafkd.modules import Dense, Normalize, Pooling, Transformer
+    from leafkd.modules import Dense, Normalize, Pooling, Transformer, is_mean_pooling
 
     mods = list(model)
     if len(mods) < 2 or not isinstance(mods[0], Transformer) or not isinstance(mods[1], Pooling):
@@ -153,14 +153,10 @@ def unsupported_reason(model: SentenceTransformer) -> str | None:
         return f"architecture {cfg.model_type!r} (packed: {', '.join(_ARCHS)})"
     if cfg.model_type == "bert" and getattr(cfg, "position_embedding_type", "absolute") != "absolute":
         return "BERT with relative position embeddings"
-    pooling = mods[1].get_config_dict()
-    mode = pooling.get("pooling_mode")
-    mean_only = mode == "mean" or (mode is None and pooling.get("pooling_mode_mean_tokens")
-                                   and not any(v for k, v in pooling.items()
-                                               if k.startswith("pooling_mode_") and k != "pooling_mode_mean_tokens"))
-    if not mean_only:
-        return f"pooling {mode or pooling} (packed: mean)"
-    if pooling.get("include_prompt", True) is False:
+    if not is_mean_pooling(mods[1]):
+        pooling = mods[1].get_config_dict()
+        return f"pooling {pooling.get('pooling_mode') or pooling} (packed: mean)"
+    if getattr(mods[1], "include_prompt", True) is False:
         return "pooling that excludes the prompt"
     for m in mods[2:]:
         if not isinstance(m, (Dense, Normalize)):
