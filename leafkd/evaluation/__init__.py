@@ -33,7 +33,7 @@ from leafkd.evaluation.embedders import (
 from leafkd.evaluation.engines import Engine, evaluate, fast_evaluate_task, mteb_evaluate, resolve_engine
 from leafkd.evaluation.metrics import ndcg_at_k, recall_at_k, retrieval_metrics, search, sts_metrics
 from leafkd.evaluation.report import markdown_table, write_report
-from leafkd.evaluation.runner import run_evaluation
+from leafkd.evaluation.runner import evaluate_models, run_evaluation
 from leafkd.evaluation.tasks import (
                                            DEFAULT_TASKS,
                                            KNOWN_TASKS,
@@ -52,4 +52,4 @@ __all__ = ["DEFAULT_TASKS", "KNOWN_TASKS", "PUBLISHED", "AsymmetricEmbedder", "E
            "fast_evaluate_task", "fit_ridge_map", "hamming_similarity", "int8_ranges", "load_models", "load_task",
            "load_tasks", "markdown_table", "mteb_evaluate", "ndcg_at_k", "parse_modes", "quantized_scores",
            "recall_at_k", "resolve_engine", "resolve_tasks", "retrieval_agreement", "retrieval_metrics",
-           "ridge_texts", "run_evaluation", "search", "sts_metrics", "truncate", "write_report"]
+           "ridge_texts", "evaluate_models", "run_evaluation", "search", "sts_metrics", "truncate", "write_report"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any, Literal
 
 import numpy as np
@@ -27,7 +27,7 @@ TRUNCATE_DIMS = (512, 256, 128, 64)
 ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-class Quantization(str, Enum):
+class Quantization(StrEnum):
     """How vectors are stored for the quantisation diagnostic (both sides, except ``binary_float_query``)."""
 
     FLOAT32 = "float32"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from leafkd.student.info import read_student_info
 from leafkd.vectors import ridge_fit
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     """An evaluation row: which model encodes queries and which encodes documents (see the module docstring)."""
 
     TEACHER = "teacher"
@@ -77,6 +77,12 @@ class EmbeddingCache:
             dim = next(iter(store.values())).shape[0] if store else 0
             return np.zeros((0, dim), dtype=np.float32)
         return np.stack([store[t] for t in texts])
+
+    def put(self, key: tuple[str, str | None], texts: Sequence[str], vectors: np.ndarray) -> None:
+        """Known vectors of `texts` (e.g. the teacher's, from a capture): later `get`s use them, computing none."""
+        store = self._store.setdefault(key, {})
+        for t, v in zip(texts, np.asarray(vectors, dtype=np.float32)):
+            store[t] = v
 
     def clear(self) -> None:
         self._store.clear()
@@ -140,6 +146,10 @@ class ModelEmbedder(Embedder):
                           show_progress=self.progress, desc=f"{self.name} {role or 'text'}")
 
         return self.cache.get((self.key, prompt), list(texts), compute)
+
+    def prefill(self, texts: Sequence[str], vectors: np.ndarray, role: str | None = "document") -> None:
+        """Vectors this model is known to give `texts` in `role` (computed elsewhere: never computed again)."""
+        self.cache.put((self.key, self.prompt_for(role)), texts, vectors)
 
     def describe(self) -> dict[str, Any]:
         return {"query": str(self.path), "document": str(self.path), "query_prompt": self.query_prompt,

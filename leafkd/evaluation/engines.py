@@ -11,7 +11,7 @@ import importlib.util
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from leafkd.extras import MissingExtraError
 logger = logging.getLogger(__name__)
 
 
-class Engine(str, Enum):
+class Engine(StrEnum):
     """How tasks are scored: mteb itself (the reference) or the built-in numpy + pytrec_eval engine."""
 
     MTEB = "mteb"

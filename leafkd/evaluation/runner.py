@@ -15,7 +15,7 @@ from leafkd.errors import LeafkdError
 from leafkd.evaluation.diagnostics import alignment_diagnostics
 from leafkd.evaluation.embedders import Mode, ModelSet, fit_ridge_map, load_models, parse_modes, ridge_texts
 from leafkd.evaluation.engines import evaluate, resolve_engine
-from leafkd.evaluation.tasks import DEFAULT_TASKS, load_tasks, resolve_tasks
+from leafkd.evaluation.tasks import DEFAULT_TASKS, TaskData, load_tasks, resolve_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +91,7 @@ def run_evaluation(*, teacher: str | Path | None = None, student: str | Path | N
     `modes`: names of `Mode`s (default: every mode the models allow; ``ridge`` with `ridge`). `ridge_alpha` is the
     relative ridge penalty of `fit_ridge_map`. Progress is logged (``leafkd.evaluation`` loggers, level INFO).
     """
-    started = time.time()
     root = find_data_dir(data_dir, required=False)
-    resolved_engine = resolve_engine(engine)
     wanted = parse_modes(modes) if modes is not None else None
     if wanted is not None and not wanted:
         raise LeafkdError("no modes given")
@@ -101,22 +99,34 @@ def run_evaluation(*, teacher: str | Path | None = None, student: str | Path | N
     models = load_models(teacher, student, base, teacher_query_prompt=teacher_query_prompt,
                          student_query_prompt=student_query_prompt, device=device, batch_tokens=batch_tokens,
                          progress=progress, use_base=wanted is None or bool({Mode.BASE, Mode.RIDGE} & set(wanted)))
-    run_modes = wanted if wanted is not None else _available_modes(models, ridge)
-    ridge_info = _fit_ridge(models, root, ridge_n, ridge_alpha) if Mode.RIDGE in run_modes else None
+    return evaluate_models(models, datas, modes=wanted, engine=engine, data_dir=root, ridge=ridge, ridge_n=ridge_n,
+                           ridge_alpha=ridge_alpha, with_alignment=with_alignment, device=device,
+                           ignore_identical_ids=ignore_identical_ids)
+
+
+def evaluate_models(models: ModelSet, datas: Sequence[TaskData], *, modes: Sequence[Mode] | None = None,
+                    engine: str | None = None, data_dir: Path | None = None, ridge: bool = False,
+                    ridge_n: int = 20000, ridge_alpha: float = 1e-2, with_alignment: bool = False,
+                    device: str | None = None, ignore_identical_ids: bool = True) -> dict[str, Any]:
+    """Score loaded models on loaded tasks: the results dict of `run_evaluation` (its report's input)."""
+    started = time.time()
+    resolved_engine = resolve_engine(engine)
+    run_modes = list(modes) if modes is not None else _available_modes(models, ridge)
+    ridge_info = _fit_ridge(models, data_dir, ridge_n, ridge_alpha) if Mode.RIDGE in run_modes else None
     rows = evaluate(models.embedders(run_modes), datas, resolved_engine, ignore_identical_ids=ignore_identical_ids)
     commit = git_commit()
     for row in rows:
         row.update({"teacher": models.info.get("teacher", {}).get("path"),
                     "teacher_fingerprint": models.info.get("teacher", {}).get("fingerprint"),
                     "student": models.info.get("student", {}).get("path"),
-                    "base": models.info.get("base", {}).get("path"), "data": str(root), "commit": commit["sha"]})
+                    "base": models.info.get("base", {}).get("path"), "data": str(data_dir), "commit": commit["sha"]})
     return {
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "engine": resolved_engine.value,
         "commit": commit,
         "versions": _versions(),
         "device": device or ("cuda" if _cuda() else "cpu"),
-        "data_dir": str(root),
+        "data_dir": str(data_dir),
         "models": models.info,
         "tasks": [{"key": d.spec.key, "name": d.name, "kind": d.spec.kind, "path": str(d.spec.path),
                    "metric": d.spec.metric, "size": d.size()} for d in datas],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Sequence
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from leafkd.student.info import read_student_info
 logger = logging.getLogger(__name__)
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     """Which model embeds the queries, and which index it may search."""
 
     ASYMMETRIC = "asymmetric"  # a student over its teacher's index
