@@ -15,7 +15,7 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
-from enum import Enum, StrEnum
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from enum import Enum, StrEnum
+from enum import StrEnum
 from typing import Any, Literal
 
 import numpy as np

@@ -11,7 +11,7 @@ import importlib.util
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from enum import Enum, StrEnum
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
