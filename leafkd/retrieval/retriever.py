@@ -35,9 +35,6 @@ class Mode(StrEnum):
     TEACHER = "teacher"  # the teacher over the index it built
     STUDENT = "student"  # a student over an index it built itself
 
-    def __str__(self) -> str:
-        return self.value
-
     @classmethod
     def parse(cls, value: str | Mode) -> Mode:
         """The mode named ``value``; an unknown name is a one-line `LeafkdError`."""

@@ -5,18 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from leafkd.errors import LeafkdError
 
 
-class Choice(str, Enum):
+class Choice(StrEnum):
     """An option with fixed choices. A `str`, so comparisons, JSON and the result key see its value."""
-
-    def __str__(self) -> str:
-        return str(self.value)
 
     @classmethod
     def parse(cls, value: Any, option: str) -> Choice:
