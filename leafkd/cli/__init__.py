@@ -17,7 +17,7 @@ from leafkd import __version__
 from leafkd.errors import LeafkdError
 
 # Subcommand modules under leafkd.cli, in the order `leafkd --help` lists them.
-COMMANDS = ("models", "capture", "adapt", "train", "index", "serve", "eval", "demo", "export")
+COMMANDS = ("distill", "models", "capture", "adapt", "train", "index", "serve", "eval", "demo", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
