@@ -228,15 +228,16 @@ def test_cli_serve_and_graceful_shutdown(tmp_path):
     from leafkd.cli import main
 
     # bad setups are one-line errors before anything listens
-    assert main(["serve", "--index", str(S.cranfield_index()), "--student", str(S.foreign_student_dir())]) == 2
-    assert main(["serve", "--index", str(tmp_path / "missing"), "--student", str(S.student_dir())]) == 2
+    free = ["--port", "0"]
+    assert main(["serve", "--index", str(S.cranfield_index()), "--student", str(S.foreign_student_dir()), *free]) == 2
+    assert main(["serve", "--index", str(tmp_path / "missing"), "--student", str(S.student_dir()), *free]) == 2
     broken = tmp_path / "broken"
     import shutil
 
     shutil.copytree(S.cranfield_index(), broken)
     next(broken.glob("docs.*.jsonl")).unlink()
-    assert main(["serve", "--index", str(broken), "--student", str(S.student_dir())]) == 2
-    assert main(["serve", "--index", str(S.cranfield_index()), "--student", str(S.student_dir()),
+    assert main(["serve", "--index", str(broken), "--student", str(S.student_dir()), *free]) == 2
+    assert main(["serve", "--index", str(S.cranfield_index()), "--student", str(S.student_dir()), *free,
                  "--api-key-env", "LEAFKD_TEST_UNSET_VAR"]) == 2
 
     with socket.socket() as s:
