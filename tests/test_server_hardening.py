@@ -22,7 +22,8 @@ import httpx
 import numpy as np
 import pytest
 import retrieval_support as S
-from test_server import _Running
+from test_server import _Running, wait_until_healthy
+from test_server import retriever as shared_retriever  # noqa: F401 (registers the fixture `retriever` here)
 
 from leafkd.server.app import create_app
 from leafkd.server.limits import Limits
@@ -36,23 +37,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def retriever():
-    from leafkd.retrieval.retriever import Retriever
-
-    return Retriever.load(S.cranfield_index(), student=S.student_dir())
-
-
-@pytest.fixture(scope="module")
 def strict(retriever):
+    """A server with tight limits, and a client of it."""
     running = _Running(create_app(retriever, api_key=KEY, limits=STRICT))
-    yield running
+    with httpx.Client(base_url=running.url, timeout=60) as c:
+        running.client = c
+        yield running
     running.stop()
 
 
 @pytest.fixture(scope="module")
 def client(strict):
-    with httpx.Client(base_url=strict.url, timeout=60) as c:
-        yield c
+    return strict.client
 
 
 def test_chunked_bodies_are_counted(strict, client):
@@ -233,11 +229,21 @@ def one_error(r, needle: str) -> None:
     assert needle in errors[0], errors[0]
 
 
-def test_serve_refuses_unsafe_or_broken_setups(tmp_path):
-    run = lambda *a, env=ENV: subprocess.run(serve_cmd("--port", "0", *a), env=env, capture_output=True,
-                                             text=True, timeout=300)
-    one_error(run("--host", "0.0.0.0"), "without an API key")
-    one_error(run("--no-auth", env={**ENV, "LEAFKD_API_KEY": "k"}), "--no-auth")
+def test_serve_refuses_unsafe_or_broken_setups(tmp_path, capsys, monkeypatch):
+    from leafkd.cli import main
+
+    r = subprocess.run(serve_cmd("--port", "0", "--host", "0.0.0.0"), env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    one_error(r, "without an API key")  # a real process; the rest run `main` here, the same code path
+
+    def run(*args: str):
+        try:
+            code = main(serve_cmd("--port", "0", *args)[3:])
+        except SystemExit as e:
+            code = e.code
+        return subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
+
+    monkeypatch.delenv("LEAFKD_API_KEY", raising=False)
     one_error(run("--api-key-env", "LEAFKD_SURELY_UNSET"), "not set")
     one_error(run("--api-key", ""), "empty")
     (tmp_path / "key").write_text("k1\n")
@@ -247,9 +253,10 @@ def test_serve_refuses_unsafe_or_broken_setups(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        r = subprocess.run(serve_cmd("--port", str(busy.getsockname()[1])), env=ENV, capture_output=True, text=True,
-                           timeout=300)
-        one_error(r, "cannot listen")
+        one_error(run("--port", str(busy.getsockname()[1])), "cannot listen")
+    monkeypatch.setenv("LEAFKD_API_KEY", "k")
+    one_error(run("--no-auth"), "--no-auth")
+    monkeypatch.delenv("LEAFKD_API_KEY")
     # an index whose stored search parameters FAISS would fail on is refused before serving
     import shutil
 
@@ -258,8 +265,11 @@ def test_serve_refuses_unsafe_or_broken_setups(tmp_path):
     m = json.loads((bad / "manifest.json").read_text())
     m["search_params"] = {"efSearch": -5}
     (bad / "manifest.json").write_text(json.dumps(m))
-    r = subprocess.run(serve_cmd("--port", "0", index=bad), env=ENV, capture_output=True, text=True, timeout=300)
-    one_error(r, "efSearch")
+    try:
+        code = main(serve_cmd("--port", "0", index=bad)[3:])
+    except SystemExit as e:
+        code = e.code
+    one_error(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), "efSearch")
 
 
 def test_auth_helpers():
@@ -285,16 +295,7 @@ def test_leafkd_api_key_turns_auth_on():
     proc = subprocess.Popen(serve_cmd("--port", str(port)), env={**ENV, "LEAFKD_API_KEY": "env-key"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.time() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        url = wait_until_healthy(proc, port)
         assert httpx.post(url + "/search", json={"query": "wing"}, timeout=30).status_code == 401
         assert httpx.get(url + "/stats", timeout=30).status_code == 401
         assert httpx.post(url + "/embed", json={"text": "wing"}, timeout=30).status_code == 401

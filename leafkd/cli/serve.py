@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from leafkd.cli.options import add_number, existing_file
@@ -25,6 +26,7 @@ def cmd_serve(args) -> int:
     try:
         address, port = sock.getsockname()[:2]
         auth = auth_line(key, address, args.no_auth)
+        threads = cpu_threads(args.threads, args.device)
         # A plain name is checked and looked up under --indexes-dir; a path is an index folder (served read-only).
         retriever = Retriever.load(args.index, student=args.student, teacher=args.teacher, mode=args.mode,
                                    indexes_dir=args.indexes_dir, device=args.device, gpu=args.gpu,
@@ -38,12 +40,29 @@ def cmd_serve(args) -> int:
                          max_wait_ms=args.max_wait_ms, docs=args.docs)
         info = retriever.info()
         print(f"leafkd serve: mode {info['mode']}, {info['documents']} documents ({info['factory']}, FAISS on "
-              f"{info['index_device']}), encoder {info['encoder']} on {info['encoder_device']}, "
-              f"http://{args.host}:{port}; {auth}", file=sys.stderr, flush=True)
+              f"{info['index_device']}), encoder {info['encoder']} on {info['encoder_device']}"
+              f"{f' ({threads} threads)' if threads else ''}, http://{args.host}:{port}; {auth}", file=sys.stderr,
+              flush=True)
         serve(app, log_level=args.log_level, sock=sock)
     finally:
         sock.close()
     return 0
+
+
+def cpu_threads(threads: int | None, device: str | None) -> int | None:
+    """Set torch's CPU threads for the encoder; returns the number set (None: left to torch, on a GPU).
+
+    By default a CPU server keeps one core for the event loop, HTTP parsing and tokenisation: with every core in
+    torch's thread pool, its spinning threads and the request handling slow each other down under load.
+    """
+    import torch
+
+    on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+    if threads is None and not on_cpu:
+        return None
+    n = threads or max(1, (os.cpu_count() or 1) - 1)
+    torch.set_num_threads(n)
+    return n
 
 
 def _auth_options(p: argparse.ArgumentParser) -> None:
@@ -91,6 +110,8 @@ def register(subparsers) -> None:
                    help="search with faiss-gpu (default: when present)")
     g.add_argument("--no-gpu", dest="gpu", action="store_false", help="search on the CPU")
     p.add_argument("--fp16", action="store_true", help="float16 vectors on the GPU (default: as built)")
+    add_number(p, "--threads", int, min=1, max=1024, default=None,
+               help="torch CPU threads (default on a CPU encoder: one fewer than the cores, at least 1)")
     add_number(p, "--shards", int, min=1, max=1024, also=(-1,), default=1,
                help="shard the index over this many GPUs (-1: all)")
     add_number(p, "--max-batch", int, min=1, max=65_536, default=256, help="most queries per micro-batch")

@@ -1,7 +1,8 @@
 """The micro-batcher: concurrent requests gathered into slices for one worker thread (encoder + index).
 
 One worker thread owns the encoder and the index. Each step it takes a *slice* of the queued texts -- at most
-``max_batch`` texts, and on the CPU at most ``slice_tokens`` (estimated) tokens -- embeds the slice in one call
+``max_batch`` texts and `SLICE_HITS` hits, and on the CPU at most ``slice_tokens`` (estimated) tokens -- embeds
+the slice in one call
 (the CPU encoder groups it by length, `leafkd.retrieval.query_encoder.length_groups`) and searches it, one FAISS
 call per distinct ``top_k``. A request is answered once all its texts have been through a slice.
 
@@ -28,6 +29,10 @@ from leafkd.retrieval.retriever import Retriever
 # CPU: estimated tokens per slice (about 100-250 typical queries): one slice takes tens of milliseconds on two
 # cores, which is also the most a short query waits behind a large request.
 CPU_SLICE_TOKENS = 4096
+
+# Hits (queries x top_k) per slice, on any device: turning FAISS results into hits is Python work per hit, so a
+# request of 256 queries x top_k 1000 goes through in slices of 16 queries instead of holding the worker.
+SLICE_HITS = 16384
 
 
 def estimated_tokens(text: str) -> int:
@@ -175,19 +180,21 @@ class MicroBatcher:
 
     def _take(self, pending: list[_Job]) -> list[tuple[_Job, int, int]]:
         """The next slice: (request, first text, end) ranges -- the oldest request up to half the slice, then the
-        requests with the fewest texts left."""
-        budget = [self.max_batch, self.slice_tokens]
+        requests with the fewest texts left. A slice holds at least one text."""
+        budget = [self.max_batch, self.slice_tokens, SLICE_HITS]  # texts, tokens, hits
         plan: dict[_Job, int] = {}
 
         def grab(job: _Job, most: float) -> None:
             start = job.done + plan.get(job, 0)
+            hits = job.top_k if job.kind == "search" else 0
             n = 0
             while start + n < len(job.texts) and n < most and budget[0] > 0:
-                cost = estimated_tokens(job.texts[start + n])
-                if cost > budget[1] and (plan or n):
+                tokens = estimated_tokens(job.texts[start + n])
+                if (tokens > budget[1] or hits > budget[2]) and (plan or n):
                     break
                 budget[0] -= 1
-                budget[1] -= cost
+                budget[1] -= tokens
+                budget[2] -= hits
                 n += 1
             if n:
                 plan[job] = plan.get(job, 0) + n

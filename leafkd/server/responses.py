@@ -41,20 +41,47 @@ def search_bytes(texts: Sequence[str], hits: Sequence[Sequence[Hit]], include_te
     return size
 
 
-def _json(body: dict[str, Any]) -> bytes:
+# Items encoded per json.dumps call. One call is one C function that holds the GIL throughout: a whole 200 MB
+# answer in one call would stall the event loop thread however the work is scheduled; small calls let it run.
+_CHUNK = 128
+
+
+def _json(value: Any) -> str:
     # as Starlette's JSONResponse renders it
-    return json.dumps(body, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode("utf-8")
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+
+
+def _json_array(items: Sequence[Any], out: list[bytes]) -> None:
+    """Append ``_json(list(items))`` to ``out`` as UTF-8 pieces, a chunk of items at a time (and encoded a chunk
+    at a time: one encode or join of a whole 200 MB answer would hold the GIL as long as one json.dumps)."""
+    out.append(b"[")
+    for i in range(0, len(items), _CHUNK):
+        out.append((("," if i else "") + _json(list(items[i : i + _CHUNK]))[1:-1]).encode("utf-8"))
+    out.append(b"]")
+
+
+def _tail(fields: dict[str, Any], t0: float) -> bytes:
+    """The closing fields of an answer, ``took_ms`` last."""
+    rest = "".join(f",{_json(k)}:{_json(v)}" for k, v in fields.items())
+    return (rest + ',"took_ms":' + _json(round((time.perf_counter() - t0) * 1000, 3)) + "}").encode("utf-8")
 
 
 def _render_search(texts: Sequence[str], hits: Sequence[Sequence[Hit]], include_text: bool, mode: str,
                    t0: float) -> bytes:
-    results = [{"query": q, "hits": [h.to_dict(include_text) for h in hs]} for q, hs in zip(texts, hits)]
-    return _json({"results": results, "mode": mode, "took_ms": round((time.perf_counter() - t0) * 1000, 3)})
+    out = [b'{"results":[']
+    for i, (q, hs) in enumerate(zip(texts, hits)):
+        out.append(("," if i else "").encode() + b'{"query":' + _json(q).encode("utf-8") + b',"hits":')
+        _json_array([h.to_dict(include_text) for h in hs], out)
+        out.append(b"}")
+    out.append(b"]" + _tail({"mode": mode}, t0))
+    return b"".join(out)
 
 
 def _render_embed(vectors: np.ndarray, model: str, t0: float) -> bytes:
-    return _json({"embeddings": np.round(vectors, 7).tolist(), "dim": int(vectors.shape[1]), "model": model,
-                  "took_ms": round((time.perf_counter() - t0) * 1000, 3)})
+    out = [b'{"embeddings":']
+    _json_array(np.round(vectors, 7).tolist(), out)
+    out.append(_tail({"dim": int(vectors.shape[1]), "model": model}, t0))
+    return b"".join(out)
 
 
 async def _bounded(estimate: int, limit: int, render, *args) -> Response:

@@ -5,6 +5,7 @@
 import time
 from typing import Any
 
+import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
@@ -51,7 +52,7 @@ def stats_report(retriever: Retriever, batcher: MicroBatcher, stats: Stats, limi
                     "max_wait_ms": batcher.max_wait * 1000},
         "index": {"documents": retriever.index.count, "dim": retriever.index.dim, "factory": info["factory"],
                   "bytes": retriever.index.nbytes(), "device": retriever.index.device, "path": info["index"]},
-        "encoder": {"model": info["encoder"], "device": info["encoder_device"]},
+        "encoder": {"model": info["encoder"], "device": info["encoder_device"], "threads": torch.get_num_threads()},
         "mode": retriever.mode,
         "limits": limits.__dict__,
     }
