@@ -2,6 +2,7 @@
 
 The public API, importable from here (loaded on first use, so `import leafkd` stays light)::
 
+    from leafkd import distill, DistillConfig                        # the main job: corpus -> served student
     from leafkd import capture, VectorStore, build_student, TrainConfig, train, build_index, load_index
     from leafkd import Retriever, run_evaluation, LeafkdError
 """
@@ -23,6 +24,9 @@ __version__ = "0.2.0"
 # The public API: name -> the module that defines it, imported on first use (torch and sentence-transformers load
 # only then).
 _PUBLIC = {
+    "distill": "leafkd.pipeline.distill",
+    "DistillConfig": "leafkd.pipeline.config",
+    "load_distill_config": "leafkd.pipeline.config",
     "capture": "leafkd.capture.teacher",
     "VectorStore": "leafkd.capture.store",
     "build_student": "leafkd.student.build",
@@ -39,6 +43,8 @@ if TYPE_CHECKING:
     from leafkd.capture.store import VectorStore
     from leafkd.capture.teacher import capture
     from leafkd.evaluation.runner import run_evaluation
+    from leafkd.pipeline.config import DistillConfig, load_distill_config
+    from leafkd.pipeline.distill import distill
     from leafkd.retrieval.build import build_index
     from leafkd.retrieval.index import load_index
     from leafkd.retrieval.retriever import Retriever
@@ -60,5 +66,6 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_PUBLIC})
 
 
-__all__ = ["LeafkdError", "Retriever", "TrainConfig", "VectorStore", "__version__", "build_index", "build_student",
-           "capture", "load_config", "load_index", "run_evaluation", "train"]
+__all__ = ["DistillConfig", "LeafkdError", "Retriever", "TrainConfig", "VectorStore", "__version__", "build_index",
+           "build_student", "capture", "distill", "load_config", "load_distill_config", "load_index", "run_evaluation",
+           "train"]

@@ -182,6 +182,9 @@ def test_bad_options_are_one_line_errors(tmp_path, texts_file, minilm_path):
             train(load_config(None, **_args(texts_file, minilm_path, tmp_path / "graphs", cuda_graphs="true",
                                             device="cpu", packed="true")))
         assert not (tmp_path / "graphs").exists()  # refused before any work
+    with pytest.raises(LeafkdError, match="cannot go with --compile true"):
+        load_config(None, **_args(texts_file, minilm_path, tmp_path / "det", deterministic=True, compile="true"))
+    assert load_config(None, **_args(texts_file, minilm_path, tmp_path / "det", deterministic=True)).compile == "false"
     with pytest.raises(LeafkdError, match="unknown option"):
         load_config(None, bogus=1)
     (tmp_path / "c.toml").write_text("lr = [\n")

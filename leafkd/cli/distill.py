@@ -11,6 +11,8 @@ import argparse
 import tomllib
 from typing import Any
 
+from leafkd.cli.options import number, output_folder
+
 
 def _train_override(item: str) -> dict[str, Any]:
     """KEY=VALUE of a training option, the value read as TOML (`epochs=3`, `lr=2e-3`); a bare word is a string."""
@@ -57,7 +59,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "or a .txt (or corpus = ... in the --config file's [distill] table)")
     p.add_argument("--teacher", help="teacher model folder or installed name")
     p.add_argument("--student", help="student base encoder (default: all-MiniLM-L6-v2)")
-    p.add_argument("--out", help="run folder (default: runs/distill)")
+    p.add_argument("--out", type=output_folder, help="run folder (default: runs/distill)")
     p.add_argument("--queries", help="queries.jsonl to evaluate with (a BEIR folder brings its own)")
     p.add_argument("--qrels", help="relevance TSV (query-id, corpus-id, score) to evaluate with")
     p.add_argument("--data", action="append", metavar="SOURCE",
@@ -67,8 +69,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--vectors", help="teacher-vector store to use or fill (default: OUT/teacher-vectors); one "
                    "store can serve many runs with the same teacher")
     p.add_argument("--factory", help="FAISS factory string of the index (default: Flat)")
-    p.add_argument("--seed", type=int, help="seed of the spans, the split and the training (default: 0)")
-    p.add_argument("--epochs", type=float, help="training epochs (default: the recipe's 10)")
+    p.add_argument("--seed", type=number(int, min=0, max=2**32 - 1),
+                   help="seed of the spans, the split and the training (default: 0)")
+    p.add_argument("--epochs", type=number(float, gt=0), help="training epochs (default: the recipe's 10)")
     p.add_argument("--set", type=_train_override, action="append", metavar="KEY=VALUE",
                    help="any train-embedder option over the recipe (repeatable), e.g. --set batch_size=1024")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")

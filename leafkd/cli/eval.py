@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from leafkd.cli.options import number
 from leafkd.errors import LeafkdError
 
 
@@ -38,11 +39,12 @@ def register(subparsers) -> None:
                    help="mteb (reference; default when installed) or fast")
     p.add_argument("--alignment", action="store_true",
                    help="also run alignment diagnostics (cosine, top-10 agreement, truncation, quantisation)")
-    p.add_argument("--ridge-texts", type=int, default=20000, help="training texts for the ridge fit (default 20000)")
-    p.add_argument("--ridge-alpha", type=float, default=1e-2,
+    p.add_argument("--ridge-texts", type=number(int, min=1), default=20000,
+                   help="training texts for the ridge fit (default 20000)")
+    p.add_argument("--ridge-alpha", type=number(float, min=0), default=1e-2,
                    help="relative ridge penalty: alpha x the mean eigenvalue of the base vectors' centred Gram matrix "
                         "(default 0.01, the rule and value of training's projection warm start)")
-    p.add_argument("--batch-tokens", type=int, help="token budget per encoding batch")
+    p.add_argument("--batch-tokens", type=number(int, min=1), help="token budget per encoding batch")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--teacher-query-prompt", help="override the teacher's query prompt ('' for none)")
     p.add_argument("--student-query-prompt", help="override the student's query prompt ('' for none)")

@@ -7,6 +7,9 @@ import json
 from dataclasses import MISSING, Field, fields
 from typing import Any
 
+from leafkd.cli.options import RANGE_KEYS, number_from_metadata, range_problem, with_range
+from leafkd.errors import LeafkdError
+
 
 def _type_of(annotation: Any) -> type:
     text = str(annotation)
@@ -50,6 +53,10 @@ def build_train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
             if f.name in ("resume", "plot", "progress"):
                 parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const",
                                     const=False, help=argparse.SUPPRESS)
+        elif any(k in f.metadata for k in RANGE_KEYS):
+            kind = number_from_metadata(_type_of(f.type), f.metadata)
+            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
+                                help=with_range(help_text, kind))
         else:
             parser.add_argument(flag, type=_type_of(f.type), default=None, metavar=f.name.upper(), help=help_text)
     parser.set_defaults(func=run_train)
@@ -63,6 +70,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     overrides = {f.name: getattr(args, f.name, None) for f in fields(TrainConfig)}
     cfg = load_config(args.config, **overrides)
+    for f in fields(TrainConfig):  # a --config file's values bypass the parser: the same ranges apply to them
+        problem = range_problem(f.name, getattr(cfg, f.name), _type_of(f.type), f.metadata)
+        if problem is not None and any(k in f.metadata for k in RANGE_KEYS):
+            raise LeafkdError(problem)
     result = train(cfg)  # joins the torchrun process group when launched by torchrun
     main = distributed.is_main()
     distributed.shutdown()

@@ -59,6 +59,10 @@ class DistillConfig:
             raise LeafkdError("give both --queries and --qrels (or neither: a BEIR folder brings its own)")
         if not str(self.corpus).strip():
             raise LeafkdError("no corpus given")
+        for name in ("corpus", "teacher", "student", "out", "queries", "qrels", "data_dir", "vectors"):
+            value = getattr(self, name)
+            if value is not None:  # paths arrive as Path objects too (the command line's checked --out)
+                setattr(self, name, str(value))
         if self.data is not None:
             self.data = [str(d) for d in self.data]
 

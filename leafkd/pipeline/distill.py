@@ -68,7 +68,7 @@ def training_options(cfg: DistillConfig) -> dict[str, Any]:
     # The student reads as many tokens as the teacher does (long documents are matched on what the teacher saw).
     options["max_seq_length"] = max_seq_length(load_model(resolve_model(cfg.teacher), device="cpu"))
     if cfg.deterministic:
-        options.update(compile="false", cuda_graphs="false")
+        options["deterministic"] = True
     options.update(cfg.train)
     return options
 
@@ -88,20 +88,8 @@ def _train(cfg: DistillConfig) -> tuple[Path, dict[str, Any]]:
     if info.get("config") and info.get("result_key") == train_cfg.result_key():
         logger.info("student: reusing %s (trained with the same options)", model)
         return model, info
-    if cfg.deterministic:
-        _deterministic_kernels()
     train(train_cfg)
     return model, read_student_info(model)
-
-
-def _deterministic_kernels() -> None:
-    """Ask torch for deterministic kernels (cuBLAS needs its workspace configured before its first use)."""
-    import os
-
-    import torch
-
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def document_vectors(store: VectorStore, docs: list[Document]) -> np.ndarray:

@@ -68,3 +68,14 @@ def autocast_dtype(precision: Precision | str, device: torch.device) -> torch.dt
     if choice is Precision.FP32 or (choice is Precision.AUTO and device.type != "cuda"):
         return None
     return torch.bfloat16
+
+
+def use_deterministic_kernels() -> None:
+    """Ask torch for deterministic kernels, strictly: with ``warn_only`` flash attention's backward keeps its
+    non-deterministic default (two such H200 runs differed by 0.057 in a weight after 300 steps), while the
+    strict mode switches it to its deterministic algorithm; an op with no deterministic version raises instead
+    of silently differing. cuBLAS needs its workspace configured before its first use."""
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)

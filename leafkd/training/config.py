@@ -79,74 +79,77 @@ class TrainConfig:
                                "missing)")
     teacher_vectors: str | None = _opt(None, "black-box teacher: .npy of vectors, row i for text i of --data")
     student: str = _opt("all-MiniLM-L6-v2", "student base encoder: model folder or installed name")
-    student_layers: int | None = _opt(None, "keep only the first N layers of the student base")
+    student_layers: int | None = _opt(None, "keep only the first N layers of the student base", min=1)
     projection: Projection = _opt(Projection.AUTO, "Dense projection to the teacher's dim: auto (when dims differ), "
                                   "always, none")
     normalize: TriState = _opt(TriState.AUTO, "end the student with Normalize: auto (as the teacher), true, false")
     query_prompt: str | None = _opt(None, "query prompt stored with the student (default: the teacher's 'query' "
                                     "prompt)")
-    max_seq_length: int | None = _opt(None, "student max tokens per text (default: the base's)")
+    max_seq_length: int | None = _opt(None, "student max tokens per text (default: the base's)", min=1)
     output: str = _opt("runs/student", "run folder: checkpoints, metrics.jsonl, curves.png and model/")
     max_texts: int | None = _opt(None, "use a seeded sample of this many unique texts of --data (adaptation text is "
-                                 "added whole)")
+                                 "added whole)", min=1)
     adapt: list[str] = _opt([], "corpora to adapt to (repeatable): BEIR folders or any --data source; their documents, "
                             "sentence pieces and query-sized spans join the training text (as `leafkd adapt-text` "
                             "cuts them)")
-    adapt_weight: float = _opt(3.0, "visits per epoch of the adapted documents and of their sentence pieces")
-    adapt_spans: int = _opt(4, "random 4-32-word spans per adapted document, visited once per epoch (0: none)")
+    adapt_weight: float = _opt(3.0, "visits per epoch of the adapted documents and of their sentence pieces", gt=0)
+    adapt_spans: int = _opt(4, "random 4-32-word spans per adapted document, visited once per epoch (0: none)", min=0)
     bank_from_adapt: bool = _opt(False, "the bank loss's bank is the adapted corpora's documents (as --bank-data "
                                  "naming them would be)")
-    heldout: int = _opt(2000, "texts held out for alignment metrics (never trained on)")
-    epochs: float = _opt(1.0, "passes over the training texts (fractions allowed)")
-    max_steps: int | None = _opt(None, "stop after this many optimiser steps (overrides epochs)")
-    batch_size: int = _opt(128, "texts per micro-batch")
-    grad_accum: int = _opt(1, "micro-batches per optimiser step")
-    lr: float = _opt(2e-4, "peak learning rate of the encoder")
-    projection_lr: float = _opt(1e-3, "peak learning rate of the projection layer")
-    warmup: float = _opt(0.05, "warm-up fraction of the steps")
-    weight_decay: float = _opt(0.01, "AdamW weight decay")
-    clip: float = _opt(1.0, "gradient norm clip (0: off)")
-    dropout: float = _opt(0.0, "dropout inside the student (0 makes training deterministic)")
-    leaf_l2: float = _opt(1.0, "weight of LEAF's squared-L2 loss")
-    mse: float = _opt(0.0, "weight of the per-dimension MSE loss")
-    cosine: float = _opt(0.0, "weight of the 1 - cosine loss")
-    lelp: float = _opt(0.0, "weight of the LELP pseudo-subclass projection loss")
-    lelp_classes: int = _opt(32, "LELP pseudo-classes (k-means on teacher vectors)")
-    lelp_subclasses: int = _opt(8, "LELP principal directions (pseudo-subclasses) per class")
-    lelp_temperature: float = _opt(0.05, "LELP softmax temperature")
-    relational: float = _opt(0.0, "weight of the in-batch relational KL loss")
-    relational_temperature: float = _opt(0.05, "relational softmax temperature")
+    heldout: int = _opt(2000, "texts held out for alignment metrics (never trained on)", min=10)
+    epochs: float = _opt(1.0, "passes over the training texts (fractions allowed)", gt=0)
+    max_steps: int | None = _opt(None, "stop after this many optimiser steps (overrides epochs)", min=1)
+    batch_size: int = _opt(128, "texts per micro-batch", min=1)
+    grad_accum: int = _opt(1, "micro-batches per optimiser step", min=1)
+    lr: float = _opt(2e-4, "peak learning rate of the encoder", gt=0)
+    projection_lr: float = _opt(1e-3, "peak learning rate of the projection layer", gt=0)
+    warmup: float = _opt(0.05, "warm-up fraction of the steps", min=0, max=1)
+    weight_decay: float = _opt(0.01, "AdamW weight decay", min=0)
+    clip: float = _opt(1.0, "gradient norm clip (0: off)", min=0)
+    dropout: float = _opt(0.0, "dropout inside the student (0 makes training deterministic)", min=0, max=0.9)
+    leaf_l2: float = _opt(1.0, "weight of LEAF's squared-L2 loss", min=0)
+    mse: float = _opt(0.0, "weight of the per-dimension MSE loss", min=0)
+    cosine: float = _opt(0.0, "weight of the 1 - cosine loss", min=0)
+    lelp: float = _opt(0.0, "weight of the LELP pseudo-subclass projection loss", min=0)
+    lelp_classes: int = _opt(32, "LELP pseudo-classes (k-means on teacher vectors)", min=1)
+    lelp_subclasses: int = _opt(8, "LELP principal directions (pseudo-subclasses) per class", min=1)
+    lelp_temperature: float = _opt(0.05, "LELP softmax temperature", gt=0)
+    relational: float = _opt(0.0, "weight of the in-batch relational KL loss", min=0)
+    relational_temperature: float = _opt(0.05, "relational softmax temperature", gt=0)
     bank: float = _opt(0.0, "weight of the relational KL loss against a fixed bank of teacher vectors: the student "
-                       "should rank the bank as the teacher does (for asymmetric retrieval, the index's documents)")
+                       "should rank the bank as the teacher does (for asymmetric retrieval, the index's documents)",
+                       min=0)
     bank_data: list[str] = _opt([], "sources (as --data, repeatable) whose texts' teacher vectors form the bank; each "
                                 "text must be training data too (default: a sample of the training texts)")
     bank_size: int = _opt(65536, "at most this many bank vectors (a seeded sample beyond it; without --bank-data, "
-                          "sampled from the training texts): the loss scores every batch text against all of them")
-    bank_temperature: float = _opt(0.05, "bank relational softmax temperature")
-    ridge_alpha: float = _opt(1e-2, "relative ridge penalty of the projection warm start")
-    ridge_samples: int = _opt(20000, "texts used to fit the ridge warm start")
+                          "sampled from the training texts): the loss scores every batch text against all of them",
+                          min=1)
+    bank_temperature: float = _opt(0.05, "bank relational softmax temperature", gt=0)
+    ridge_alpha: float = _opt(1e-2, "relative ridge penalty of the projection warm start", min=0)
+    ridge_samples: int = _opt(20000, "texts used to fit the ridge warm start", min=1)
     select: SelectMode = _opt(SelectMode.NONE, "teacher-guided data selection: none, subset (train on a chosen "
                               "subset) or reweight (sample texts by student-teacher gap); see docs/selection.md")
-    select_fraction: float = _opt(0.5, "subset: fraction of the training pool (after drops) to keep")
-    select_size: int | None = _opt(None, "subset: number of texts to keep (overrides --select-fraction)")
-    select_temperature: float = _opt(1.0, "difficulty preference (gap / mean gap) ** (1/T); large T is uniform")
+    select_fraction: float = _opt(0.5, "subset: fraction of the training pool (after drops) to keep", gt=0, max=1)
+    select_size: int | None = _opt(None, "subset: number of texts to keep (overrides --select-fraction)", min=1)
+    select_temperature: float = _opt(1.0, "difficulty preference (gap / mean gap) ** (1/T); large T is uniform", gt=0)
     select_diversity: float = _opt(0.5, "cluster balance: share of cluster c scales with n_c ** -D (0: none, "
-                                   "1: equal-size clusters)")
-    select_max_weight: float = _opt(4.0, "reweight: clip each text's weight factor to [1/M, M]")
-    select_clusters: int = _opt(256, "k-means clusters of teacher vectors for diversity and dedup")
+                                   "1: equal-size clusters)", min=0)
+    select_max_weight: float = _opt(4.0, "reweight: clip each text's weight factor to [1/M, M]", min=1)
+    select_clusters: int = _opt(256, "k-means clusters of teacher vectors for diversity and dedup", min=1)
     select_refresh_every: int = _opt(0, "re-score and re-select every N steps, applied from the next epoch (0: once "
-                                     "after the warm start)")
+                                     "after the warm start)", min=0)
     select_score_texts: int = _opt(50000, "score a seeded sample of at most N pool texts per round (0: all); others "
-                                   "get their cluster's mean")
-    dedup_threshold: float = _opt(0.98, "selection drops near-duplicates with teacher cosine >= this (1.0: off)")
+                                   "get their cluster's mean", min=0)
+    dedup_threshold: float = _opt(0.98, "selection drops near-duplicates with teacher cosine >= this (1.0: off)",
+                                  gt=0, max=1)
     drop_degenerate: bool = _opt(True, "drop training texts that are empty after tokenisation or have "
                                  "zero-norm/outlier teacher vectors")
-    eval_every: int = _opt(200, "held-out evaluation every N steps (0: only at the start and end)")
-    log_every: int = _opt(20, "training log line every N steps")
-    checkpoint_every: int = _opt(500, "checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = _opt(2, "checkpoints kept on disk")
+    eval_every: int = _opt(200, "held-out evaluation every N steps (0: only at the start and end)", min=0)
+    log_every: int = _opt(20, "training log line every N steps", min=1)
+    checkpoint_every: int = _opt(500, "checkpoint every N steps (0: only at the end)", min=0)
+    keep_checkpoints: int = _opt(2, "checkpoints kept on disk", min=1)
     resume: bool = _opt(True, "resume from the latest checkpoint in OUTPUT")
-    seed: int = _opt(0, "seed for sampling, held-out split and initialisation")
+    seed: int = _opt(0, "seed for sampling, held-out split and initialisation", min=0, max=2**32 - 1)
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     precision: Precision = _opt(Precision.AUTO, "bf16 autocast on CUDA, fp32 on CPU (auto), or force bf16/fp32")
     compile: TriState = _opt(TriState.AUTO, "torch.compile the student's forward: auto (packed training on CUDA, "
@@ -157,13 +160,15 @@ class TrainConfig:
     cuda_graphs: TriState = _opt(TriState.AUTO, "replay each packed training step as a CUDA graph (one per token "
                                  "bucket): auto (packed training with flash attention on one CUDA device, "
                                  "grad_accum 1), true, false")
-    capture_batch_tokens: int | None = _opt(None, "token budget per teacher batch when capturing")
+    deterministic: bool = _opt(False, "the same weights on every run: eager kernels (no compile, no CUDA graphs) "
+                               "and torch's deterministic algorithms; slower on CUDA (eval/RESULTS.md)")
+    capture_batch_tokens: int | None = _opt(None, "token budget per teacher batch when capturing", min=1)
     plot: bool = _opt(True, "write curves.png")
     progress: bool = _opt(True, "show progress bars")
 
     # Options that do not change the result: a resumed run may change them.
     RESUME_FREE = ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "resume", "plot", "progress",
-                   "device", "max_steps", "epochs", "compile", "cuda_graphs")
+                   "device", "max_steps", "epochs", "compile", "cuda_graphs", "deterministic")
 
     # Selection options (issue 8) enter the key only where they change the run: off their defaults, and the
     # select_* ones only when selection is on (so keys of runs from before selection existed are unchanged).
@@ -184,6 +189,12 @@ class TrainConfig:
             if choices is not None:
                 setattr(self, f.name, choices.parse(getattr(self, f.name), f.name))
         self.adapt_weight = float(self.adapt_weight)  # TOML's 3 and the command line's 3.0: one result key
+        if self.deterministic:
+            for name in ("compile", "cuda_graphs"):
+                if getattr(self, name) == TriState.TRUE:
+                    flag = name.replace("_", "-")
+                    raise LeafkdError(f"--deterministic runs eager kernels: it cannot go with --{flag} true")
+                setattr(self, name, TriState.FALSE)
 
     def result_key(self) -> str:
         """A hash of the options that change the result: a run resumes only a checkpoint with the same key."""
@@ -200,7 +211,7 @@ class TrainConfig:
                 del d[k]
         if not self.bank_from_adapt:
             del d["bank_from_adapt"]
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:

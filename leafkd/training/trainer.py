@@ -29,7 +29,7 @@ from leafkd import atomic
 from leafkd.errors import LeafkdError
 from leafkd.models import resolve_model
 from leafkd.runtime import distributed as dist_
-from leafkd.runtime.devices import autocast_dtype, pick_device
+from leafkd.runtime.devices import autocast_dtype, pick_device, use_deterministic_kernels
 from leafkd.runtime.encode import encode_tokens
 from leafkd.runtime.graphs import GraphedTrainStep, bucket_tokens, fixed_width
 from leafkd.runtime.tokens import Tokenized, tokenize
@@ -79,6 +79,8 @@ class Trainer:
                 raise LeafkdError(f"--cuda-graphs true: {why_not}")
         self.out = Path(cfg.output)
         self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.deterministic:
+            use_deterministic_kernels()
         seed_everything(cfg.seed)
         self.data = prepare_data(cfg, self.out)
         self.setup_student()

@@ -1,0 +1,111 @@
+"""`leafkd distill` end to end on a tiny real corpus: capture, train, index, evaluate, rerun (reused), serve a query."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from test_server import wait_until_healthy
+
+from leafkd.capture.store import VectorStore
+from leafkd.data.documents import read_documents
+from leafkd.data.sources import text_hash
+from leafkd.pipeline import DistillConfig, distill
+from leafkd.retrieval.index import load_index
+
+DOCS = 120
+
+
+@pytest.fixture(scope="module")
+def tiny_beir(tmp_path_factory, data_dir) -> Path:
+    """The first DOCS Cranfield documents, with the queries judged against them (qrels restricted to them)."""
+    src = data_dir / "classic" / "cranfield"
+    out = tmp_path_factory.mktemp("tiny-cranfield")
+    docs = [json.loads(line) for line in (src / "corpus.jsonl").read_text().splitlines()[:DOCS]]
+    ids = {d["_id"] for d in docs}
+    (out / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    rows = [r.split("\t") for r in (src / "qrels" / "test.tsv").read_text().splitlines()[1:]]
+    rows = [r for r in rows if r[1] in ids]
+    (out / "qrels").mkdir()
+    (out / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join("\t".join(r) + "\n" for r in rows))
+    qids = {r[0] for r in rows}
+    queries = [q for q in (src / "queries.jsonl").read_text().splitlines() if json.loads(q)["_id"] in qids]
+    (out / "queries.jsonl").write_text("\n".join(queries) + "\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_beir, minilm_path, data_dir):
+    out = tmp_path_factory.mktemp("distill") / "run"
+    extra = data_dir / "train" / "wordnet_examples.txt"
+    cfg = DistillConfig(corpus=str(tiny_beir), teacher=str(minilm_path), student=str(minilm_path), out=str(out),
+                        data=[str(extra)], device="cpu", progress=False,
+                        train={"student_layers": 1, "max_texts": 200, "heldout": 20, "epochs": 1, "batch_size": 32,
+                               "adapt_spans": 1, "eval_every": 0, "checkpoint_every": 0, "bank": 10.0,
+                               "plot": False})
+    return cfg, distill(cfg)
+
+
+def test_every_stage_leaves_its_part(run, tiny_beir):
+    cfg, result = run
+    assert result.documents == DOCS
+    assert (result.student / "modules.json").exists()
+    assert load_index(result.index).count == DOCS
+    assert result.scores is not None and {"teacher", "student", "asymmetric", "base"} <= set(result.scores)
+    assert all(0.0 < v <= 1.0 for v in result.scores.values())
+    summary = json.loads((result.out / "summary.json").read_text())
+    assert summary["scores"] == result.scores
+    assert "asymmetric" in (result.out / "report.md").read_text()
+    assert (result.out / "scores.png").stat().st_size > 1000
+    assert result.serve_command.startswith("leafkd serve --index ")
+
+
+def test_the_teacher_embeds_each_document_once(run, tiny_beir):
+    """One store holds every text the teacher saw (documents, pieces, spans, extra text), each once; the index's
+    vectors are those stored rows, not a second encoding."""
+    _, result = run
+    store = VectorStore.open(result.store)
+    hashes = store.hashes()
+    assert len({bytes(h) for h in hashes}) == store.count == result.teacher_texts
+    row_of = {bytes(h): i for i, h in enumerate(hashes)}
+    index = load_index(result.index)
+    stored = store.vectors()
+    for doc in read_documents(tiny_beir)[:5]:
+        vec = index.index.reconstruct(index.row_of(doc.id))
+        np.testing.assert_allclose(vec, stored[row_of[text_hash(doc.full_text)]].astype(np.float32), atol=1e-6)
+
+
+def test_a_rerun_reuses_every_stage(run, caplog):
+    cfg, result = run
+    mtime = (result.student / "model.safetensors").stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="leafkd"):
+        again = distill(cfg)
+    assert (again.student / "model.safetensors").stat().st_mtime_ns == mtime
+    logs = caplog.text
+    assert "student: reusing" in logs and "index: reusing" in logs
+    assert again.scores == pytest.approx(result.scores)
+
+
+def test_the_result_serves_a_query_over_http(run):
+    _, result = run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "leafkd", "serve", "--index", str(result.index), "--student",
+                             str(result.student), "--port", str(port), "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = wait_until_healthy(proc, port)
+        answer = httpx.post(f"{url}/search", json={"queries": ["flow over a flat plate"], "top_k": 3}, timeout=60)
+        assert answer.status_code == 200
+        hits = answer.json()["results"][0]["hits"]
+        assert len(hits) == 3 and all(h["id"] for h in hits)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
