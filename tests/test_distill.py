@@ -47,7 +47,7 @@ def run(tmp_path_factory, tiny_beir, minilm_path, data_dir):
     cfg = DistillConfig(corpus=str(tiny_beir), teacher=str(minilm_path), student=str(minilm_path), out=str(out),
                         data=[str(extra)], device="cpu", progress=False,
                         train={"student_layers": 1, "max_texts": 200, "heldout": 20, "epochs": 1, "batch_size": 32,
-                               "adapt_spans": 1, "eval_every": 0, "checkpoint_every": 0, "bank": 10.0,
+                               "adapt_spans": 1, "eval_every": 0, "checkpoint_every": 0, "bank": 10.0, "max_steps": 8,
                                "plot": False})
     return cfg, distill(cfg)
 
@@ -57,7 +57,7 @@ def test_every_stage_leaves_its_part(run, tiny_beir):
     assert result.documents == DOCS
     assert (result.student / "modules.json").exists()
     assert load_index(result.index).count == DOCS
-    assert result.scores is not None and {"teacher", "student", "asymmetric", "base"} <= set(result.scores)
+    assert result.scores is not None and {"teacher", "student", "asymmetric"} <= set(result.scores)
     assert all(0.0 < v <= 1.0 for v in result.scores.values())
     summary = json.loads((result.out / "summary.json").read_text())
     assert summary["scores"] == result.scores
@@ -78,7 +78,7 @@ def test_the_teacher_embeds_each_document_once(run, tiny_beir):
     stored = store.vectors()
     for doc in read_documents(tiny_beir)[:5]:
         vec = index.index.reconstruct(index.row_of(doc.id))
-        np.testing.assert_allclose(vec, stored[row_of[text_hash(doc.full_text)]].astype(np.float32), atol=1e-6)
+        np.testing.assert_allclose(vec, stored[row_of[text_hash(doc.full_text)]].astype(np.float32), atol=1e-5)  # renormalised only
 
 
 def test_a_rerun_reuses_every_stage(run, caplog):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
@@ -183,6 +184,13 @@ class TrainConfig:
     ADAPT = ("adapt", "adapt_weight", "adapt_spans")
 
     def __post_init__(self) -> None:
+        # Paths arrive as Path objects from library callers: keep them as strings (leafkd.json, the result key).
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, os.PathLike):
+                setattr(self, f.name, os.fspath(value))
+            elif isinstance(value, list):
+                setattr(self, f.name, [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value])
         # Fixed-choice options arrive as strings (TOML, the command line, keywords): parse them into their Enum.
         for f in fields(self):
             choices = f.metadata.get("choices")
