@@ -52,7 +52,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                help="texts per committed shard (default: %(default)s)")
     add_number(p, "--batch-tokens", int, min=1, max=2**31 - 1, default=None, help="token budget per batch")
     p.add_argument("--device", default="auto")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the teacher's packed forward (CUDA; pays off on large corpora)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the teacher's packed forward (default: on CUDA for 50,000 texts or more, "
+                        "where it pays off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
