@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from leafkd.errors import LeafkdError
+from leafkd.student.layers import canonical_layers
 
 
 class Choice(StrEnum):
@@ -34,6 +35,13 @@ class Projection(Choice):
     AUTO = "auto"  # when the dims differ
     ALWAYS = "always"
     NONE = "none"
+
+
+class StudentKind(Choice):
+    """What the student is made of (leafkd.student.build.StudentKind, as a training option)."""
+
+    TRANSFORMER = "transformer"
+    STATIC = "static"
 
 
 class TriState(Choice):
@@ -79,7 +87,14 @@ class TrainConfig:
                                "missing)")
     teacher_vectors: str | None = _opt(None, "black-box teacher: .npy of vectors, row i for text i of --data")
     student: str = _opt("all-MiniLM-L6-v2", "student base encoder: model folder or installed name")
-    student_layers: int | None = _opt(None, "keep only the first N layers of the student base")
+    student_kind: StudentKind = _opt(StudentKind.TRANSFORMER, "transformer (the base's layers + mean pooling) or "
+                                     "static (a token embedding table embedded by the base, model2vec-style, + mean "
+                                     "pooling; padded batches)")
+    student_layers: str | int | None = _opt(None, "layers of the student base to keep: N (the first N), indices "
+                                            "(0,2,4,6,8,10) or every-other (0,2,4,...)")
+    static_dim: int | None = _opt(None, "static: PCA dimensions of the token table (default: the base's dimension)")
+    static_vocab: int | None = _opt(None, "static: embed only the first N token ids with the base (ids run roughly "
+                                    "by frequency; the rest start as the unknown token; 0: a random table)")
     projection: Projection = _opt(Projection.AUTO, "Dense projection to the teacher's dim: auto (when dims differ), "
                                   "always, none")
     normalize: TriState = _opt(TriState.AUTO, "end the student with Normalize: auto (as the teacher), true, false")
@@ -177,6 +192,9 @@ class TrainConfig:
     # Corpus adaptation enters the key only when a corpus is adapted to (bank_from_adapt: only when on).
     ADAPT = ("adapt", "adapt_weight", "adapt_spans")
 
+    # Student kinds (issue 21) enter the key only off their defaults (keys of earlier runs are unchanged).
+    STUDENT = ("student_kind", "static_dim", "static_vocab")
+
     def __post_init__(self) -> None:
         # Fixed-choice options arrive as strings (TOML, the command line, keywords): parse them into their Enum.
         for f in fields(self):
@@ -184,6 +202,7 @@ class TrainConfig:
             if choices is not None:
                 setattr(self, f.name, choices.parse(getattr(self, f.name), f.name))
         self.adapt_weight = float(self.adapt_weight)  # TOML's 3 and the command line's 3.0: one result key
+        self.student_layers = canonical_layers(self.student_layers)  # "6" and 6: one result key
 
     def result_key(self) -> str:
         """A hash of the options that change the result: a run resumes only a checkpoint with the same key."""
@@ -200,6 +219,10 @@ class TrainConfig:
                 del d[k]
         if not self.bank_from_adapt:
             del d["bank_from_adapt"]
+        defaults = {f.name: f.default for f in fields(self) if f.name in self.STUDENT}
+        for k in self.STUDENT:
+            if d[k] == defaults[k]:
+                del d[k]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -246,6 +269,7 @@ def validate(cfg: TrainConfig) -> None:
         raise LeafkdError("loss weights must be >= 0 with at least one > 0")
     _validate_selection(cfg)
     _validate_bank_and_adaptation(cfg)
+    _validate_student(cfg)
 
 
 def _validate_selection(cfg: TrainConfig) -> None:
@@ -270,3 +294,14 @@ def _validate_bank_and_adaptation(cfg: TrainConfig) -> None:
         raise LeafkdError("adapt_weight and adapt_spans must be >= 0")
     if cfg.adapt and cfg.teacher_vectors:
         raise LeafkdError("--adapt cannot be combined with --teacher-vectors (rows must match the texts of --data)")
+
+
+def _validate_student(cfg: TrainConfig) -> None:
+    if cfg.student_kind == StudentKind.STATIC and cfg.student_layers is not None:
+        raise LeafkdError("--student-kind static has no layers to select: drop --student-layers")
+    if cfg.student_kind != StudentKind.STATIC and (cfg.static_dim is not None or cfg.static_vocab is not None):
+        raise LeafkdError("--static-dim and --static-vocab need --student-kind static")
+    if (cfg.static_dim is not None and cfg.static_dim < 1) or (cfg.static_vocab is not None and cfg.static_vocab < 0):
+        raise LeafkdError("static_dim must be >= 1 and static_vocab >= 0")
+    if cfg.student_kind == StudentKind.STATIC and cfg.packed == TriState.TRUE:
+        raise LeafkdError("--packed true: a static student trains on padded batches (use --packed auto or false)")
