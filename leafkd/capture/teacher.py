@@ -201,19 +201,26 @@ def capture(teacher: str | Path, corpus: Corpus, out: str | Path, *, prompt: str
         logger.info("%s: resuming a capture of %d texts; %d left to embed", out, len(corpus.texts), len(todo))
     bar = _progress_bar(show_progress, len(corpus.texts), initial=len(corpus.texts) - len(todo))
     truncated = int(store.manifest.get("truncated", 0))
+    pending = (out / PENDING).is_dir()  # a killed distributed run left finished shards: adopt them, embed the rest
     try:
-        if (out / PENDING).is_dir():  # a killed distributed run left shards: list the finished ones first
-            todo, truncated = _list_pending(store, out, todo, shard_size, truncated, bar)
-        if todo:
-            vecs = np.empty((len(todo), dim), dtype=np.float16)
-            writer = _ShardWriter(store, todo, vecs, shard_size)
-            try:
-                # One pipeline over all shards, each batched as if alone: resuming recomputes a shard bit for bit.
-                _, n_trunc = embed(todo, bar.update if bar is not None else None, writer.rows_done, out=vecs,
-                                   segment=shard_size)
-            finally:
-                writer.close()
-            truncated += n_trunc
+        pos = 0
+        while pos < len(todo):
+            k = len(store.manifest["shards"])
+            rec = _adoptable(out, k, todo[pos : pos + shard_size]) if pending else None
+            if rec is not None:
+                truncated += int(rec["truncated"])
+                store.add_shards([rec["entry"]], truncated=truncated)
+                if bar is not None:
+                    bar.update(len(todo[pos : pos + shard_size]))
+                pos += shard_size
+                continue
+            end = pos + shard_size  # the run of shards up to the next adoptable one goes through one pipeline
+            while end < len(todo) and not (pending and _adoptable(out, k + (end - pos) // shard_size,
+                                                                  todo[end : end + shard_size])):
+                end += shard_size
+            truncated += _embed_run(embed, store, todo[pos:end], dim, shard_size, bar)
+            store.update(truncated=truncated)
+            pos = end
     finally:
         if bar is not None:
             bar.close()
@@ -221,22 +228,27 @@ def capture(teacher: str | Path, corpus: Corpus, out: str | Path, *, prompt: str
     return store
 
 
-def _list_pending(store: VectorStore, out: Path, todo: list[str], shard_size: int, truncated: int,
-                  bar: tqdm | None) -> tuple[list[str], int]:
-    """List the shards a killed distributed capture finished (in order, while they match); the texts left."""
-    while todo:
-        texts = todo[:shard_size]
-        k = len(store.manifest["shards"])
-        rec = _pending(out, k, _chunk_digest(_hash_matrix(texts)))
-        if rec is None:
-            (out / PENDING / f"shard-{k:05d}.json").unlink(missing_ok=True)  # stale: shard k is rewritten
-            break
-        truncated += int(rec["truncated"])
-        store.add_shards([rec["entry"]], truncated=truncated)
-        if bar is not None:
-            bar.update(len(texts))
-        todo = todo[shard_size:]
-    return todo, truncated
+def _embed_run(embed: _ShardEncoder, store: VectorStore, texts: list[str], dim: int, shard_size: int,
+               bar: tqdm | None) -> int:
+    """Embed consecutive shards through one pipeline, each batched as if alone (resuming recomputes a shard bit
+    for bit), committing them in order from a background writer; the number of truncated texts."""
+    vecs = np.empty((len(texts), dim), dtype=np.float16)
+    writer = _ShardWriter(store, texts, vecs, shard_size)
+    try:
+        _, n_trunc = embed(texts, bar.update if bar is not None else None, writer.rows_done, out=vecs,
+                           segment=shard_size)
+    finally:
+        writer.close()
+    return int(n_trunc)
+
+
+def _adoptable(out: Path, k: int, texts: list[str]) -> dict[str, Any] | None:
+    """The record of shard k left by a killed distributed capture if it holds exactly these texts; a stale
+    record is removed (shard k gets rewritten)."""
+    rec = _pending(out, k, _chunk_digest(_hash_matrix(texts)))
+    if rec is None:
+        (out / PENDING / f"shard-{k:05d}.json").unlink(missing_ok=True)
+    return rec
 
 
 # -- distributed capture -------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from leafkd import __version__ as leafkd_version
 from leafkd import atomic
 from leafkd.errors import LeafkdError
 from leafkd.models import resolve_model
@@ -327,7 +328,7 @@ class Trainer:
         """The model folder's leafkd.json: teacher, base, losses, data, config and metrics."""
         cfg, data = self.cfg, self.data
         return {
-            "leafkd_version": __import__("leafkd").__version__,
+            "leafkd_version": leafkd_version,
             "teacher": self.teacher.path,
             "teacher_fingerprint": data.fingerprint,
             "teacher_dim": self.teacher_dim,
@@ -342,6 +343,7 @@ class Trainer:
             "heldout": len(data.heldout_idx),
             "steps": self.step_count,
             "config": asdict(cfg),
+            "result_key": cfg.result_key(),  # what decides the weights: a run with the same key can reuse this model
             "metrics": {"final": final, "ridge_baseline": ridge, "train_fit": train_fit},
             "selection": self.selector.summary_for_model() if self.selector is not None else None,
         }
