@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from leafkd.errors import LeafkdError
-from leafkd.student.layers import canonical_layers
+from leafkd.student.choice import resolve_student
+from leafkd.student.layers import SPEC_HELP, canonical_layers
 
 
 class Choice(StrEnum):
@@ -86,12 +87,12 @@ class TrainConfig:
     vectors: str | None = _opt(None, "teacher-vector store folder (default: OUTPUT/teacher-vectors; captured if "
                                "missing)")
     teacher_vectors: str | None = _opt(None, "black-box teacher: .npy of vectors, row i for text i of --data")
-    student: str = _opt("all-MiniLM-L6-v2", "student base encoder: model folder or installed name")
+    student: str = _opt("all-MiniLM-L6-v2", "student base encoder: model folder or installed name; 'teacher': the "
+                        "teacher's own layers (see --student-layers); 'static': a static student from the teacher")
     student_kind: StudentKind = _opt(StudentKind.TRANSFORMER, "transformer (the base's layers + mean pooling) or "
                                      "static (a token embedding table embedded by the base, model2vec-style, + mean "
                                      "pooling; padded batches)")
-    student_layers: str | int | None = _opt(None, "layers of the student base to keep: N (the first N), indices "
-                                            "(0,2,4,6,8,10) or every-other (0,2,4,...)")
+    student_layers: str | int | None = _opt(None, f"layers of the student base to keep: {SPEC_HELP}")
     static_dim: int | None = _opt(None, "static: PCA dimensions of the token table (default: the base's dimension)")
     static_vocab: int | None = _opt(None, "static: embed only the first N token ids with the base (ids run roughly "
                                     "by frequency; the rest start as the unknown token; 0: a random table)")
@@ -203,6 +204,9 @@ class TrainConfig:
                 setattr(self, f.name, choices.parse(getattr(self, f.name), f.name))
         self.adapt_weight = float(self.adapt_weight)  # TOML's 3 and the command line's 3.0: one result key
         self.student_layers = canonical_layers(self.student_layers)  # "6" and 6: one result key
+        self.student, static = resolve_student(self.student, self.teacher)  # 'teacher' / 'static': the teacher
+        if static:
+            self.student_kind = StudentKind.STATIC
 
     def result_key(self) -> str:
         """A hash of the options that change the result: a run resumes only a checkpoint with the same key."""
