@@ -40,13 +40,14 @@ def truncate_layers(transformer: Transformer, layers: LayerSpec) -> list[int]:
 def build_student(base: str | Path, teacher_dim: int, *, layers: LayerSpec | None = None, normalize: bool = False,
                   projection: str = "auto", max_seq_length: int | None = None, device: str | None = None,
                   kind: StudentKind | str = StudentKind.TRANSFORMER, static_dim: int | None = None,
-                  static_vocab: int | None = None):
+                  static_vocab: int | None = None, static_init: str = "forward"):
     """A student to train into a `teacher_dim`-d space.
 
     - ``transformer``: the base encoder (its `layers`: first k, indices, or ``every-other``) + mean pooling +
       Dense(hidden -> teacher_dim) when the dims differ (or `projection` = always) + Normalize.
     - ``static``: a StaticEmbedding table initialised from the base (`static_dim`: PCA dims; `static_vocab`: embed
-      only the first N token ids, 0 for a random table; `device`: where the base embeds its vocabulary) + the
+      only the first N token ids, 0 for a random table; `static_init`: forward (each token through the base,
+      model2vec-style) or embeddings (the base's input embeddings); `device`: where the base embeds) + the
       same head.
     """
     kind = StudentKind(kind)
@@ -54,7 +55,8 @@ def build_student(base: str | Path, teacher_dim: int, *, layers: LayerSpec | Non
         if layers is not None:
             raise LeafkdError("a static student has no layers to select (drop student_layers)")
         return build_static_student(base, teacher_dim, dim=static_dim, vocab=static_vocab, projection=projection,
-                                    normalize=normalize, max_seq_length=max_seq_length, device=device)
+                                    normalize=normalize, max_seq_length=max_seq_length, device=device,
+                                    init=static_init)
     from sentence_transformers import SentenceTransformer
 
     base_model = load_model(base, device="cpu")

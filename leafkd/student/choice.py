@@ -25,4 +25,4 @@ def resolve_student(student: str, teacher: str | None) -> tuple[str, bool]:
     if not teacher:
         raise LeafkdError(f"student {text!r} is built from the teacher: give --teacher (a model folder or installed "
                           "name)")
-    return teacher, StudentChoice(text.lower()) is StudentChoice.STATIC
+    return str(teacher), StudentChoice(text.lower()) is StudentChoice.STATIC

@@ -10,6 +10,7 @@ not depend on how the spec was spelled.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -91,7 +92,7 @@ def encoder_blocks(auto: nn.Module) -> nn.ModuleList:
     return blocks
 
 
-def keep_layers(auto: nn.Module, spec: LayerSpec | None) -> list[int]:
+def keep_layers(auto: Any, spec: LayerSpec | None) -> list[int]:
     """Keep only the layers `spec` names (renumbered 0..k-1 in the saved model); returns their original indices.
 
     Shared parts stay (MPNet's relative attention bias lives on the encoder, not in the layers).

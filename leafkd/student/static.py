@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,6 @@ from tokenizers import Tokenizer
 from leafkd.errors import LeafkdError
 from leafkd.models import embedding_dimension, load_model
 from leafkd.runtime.devices import pick_device
-from leafkd.runtime.tokens import Tokenized
 from leafkd.runtime.tokens import max_seq_length as base_max_length
 from leafkd.student.head import head_modules
 
@@ -65,26 +65,36 @@ class StaticStudent(SentenceTransformer):
     """
 
     @property
+    def table(self) -> Any:
+        """The StaticEmbedding module (its ``embedding`` table and Rust ``tokenizer``)."""
+        return self[0]
+
+    @property
     def tokenizer(self) -> Any:
         view = self.__dict__.get("_leafkd_tokenizer_view")
         if view is None:
-            view = self.__dict__["_leafkd_tokenizer_view"] = hf_tokenizer_view(self[0].tokenizer)
+            view = self.__dict__["_leafkd_tokenizer_view"] = hf_tokenizer_view(self.table.tokenizer)
         return view
+
+    @tokenizer.setter
+    def tokenizer(self, value: Any) -> None:
+        self.table.tokenizer = getattr(value, "backend_tokenizer", value)
+        self.__dict__.pop("_leafkd_tokenizer_view", None)
 
     @property
     def max_seq_length(self) -> int:
-        truncation = self[0].tokenizer.truncation
+        truncation = self.table.tokenizer.truncation
         return int(truncation["max_length"]) if truncation else DEFAULT_MAX_TOKENS
 
     @max_seq_length.setter
     def max_seq_length(self, value: int) -> None:
-        self[0].tokenizer.enable_truncation(int(value))
+        self.table.tokenizer.enable_truncation(int(value))
         self.__dict__.pop("_leafkd_tokenizer_view", None)
 
     def forward(self, input: dict[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor]:
         if "offsets" in input or "attention_mask" not in input:
             return super().forward(input, **kwargs)
-        weight = self[0].embedding.weight
+        weight = self.table.embedding.weight
         mask = input["attention_mask"].to(weight.dtype)
         summed = F.embedding_bag(input["input_ids"], weight, mode="sum", per_sample_weights=mask)
         features = dict(input)
@@ -147,8 +157,6 @@ def vocabulary_table(base: SentenceTransformer, vocab: int | None = None, device
     With `vocab`, only the first `vocab` ids are embedded (tokenizer ids run roughly by frequency); the others
     start as the unknown token's row.
     """
-    from leafkd.runtime.encode import encode_tokens
-
     rust: Tokenizer = base.tokenizer.backend_tokenizer
     size = rust.get_vocab_size(with_added_tokens=True)
     count = size if vocab is None else max(1, min(int(vocab), size))
@@ -156,10 +164,8 @@ def vocabulary_table(base: SentenceTransformer, vocab: int | None = None, device
     ids = np.concatenate([np.tile(np.asarray(head, dtype=np.int32), (count, 1)),
                           np.arange(count, dtype=np.int32)[:, None],
                           np.tile(np.asarray(tail, dtype=np.int32), (count, 1))], axis=1)
-    width = ids.shape[1]
-    tokens = Tokenized(ids.reshape(-1), np.arange(0, count * width + 1, width, dtype=np.int64))
     run_on = pick_device(device)
-    table = encode_tokens(base, tokens, device=run_on, dtype="fp32")
+    table = _embed_rows(base, torch.from_numpy(ids.astype(np.int64)), run_on)
     if count < size:
         unk = _find_token(rust, UNKNOWN_TOKENS)
         unk_id = rust.token_to_id(unk) if unk else None
@@ -167,6 +173,19 @@ def vocabulary_table(base: SentenceTransformer, vocab: int | None = None, device
         table = np.concatenate([table, np.tile(fill, (size - count, 1))])
     logger.info(f"static table: {count} of {size} tokens embedded by the base on {run_on}")
     return table.astype(np.float32)
+
+
+def _embed_rows(base: SentenceTransformer, ids: torch.Tensor, device: torch.device, rows: int = 2048) -> np.ndarray:
+    """The base's sentence vectors of equal-length rows of token ids (no padding: one plain batch per chunk)."""
+    base.to(device).eval()
+    out = []
+    with torch.inference_mode():
+        for chunk in ids.split(rows):
+            chunk = chunk.to(device)
+            features = base({"input_ids": chunk, "attention_mask": torch.ones_like(chunk)})
+            out.append(features["sentence_embedding"].float().cpu().numpy())
+    base.to("cpu")
+    return np.concatenate(out)
 
 
 def pca_reduce(table: np.ndarray, dim: int) -> np.ndarray:
@@ -185,18 +204,39 @@ def random_table(size: int, dim: int, seed: int = 0) -> np.ndarray:
     return (rng.standard_normal((size, dim)) / np.sqrt(dim)).astype(np.float32)
 
 
+class StaticInit(StrEnum):
+    """Where a static student's table starts (from a transformer base; a static base brings its own table)."""
+
+    FORWARD = "forward"  # each token embedded by the base's whole pipeline ([CLS] token [SEP]), model2vec-style
+    EMBEDDINGS = "embeddings"  # the base's input token embeddings (no forward pass: instant on any machine)
+
+
+def input_embeddings(base_model: SentenceTransformer) -> np.ndarray:
+    """The base transformer's input token-embedding matrix (float32 [V, hidden])."""
+    module: Any = base_model[0]
+    auto = getattr(module, "auto_model", None)
+    if auto is None:
+        raise LeafkdError(f"static_init=embeddings needs a transformer base, not {type(module).__name__}")
+    return auto.get_input_embeddings().weight.detach().float().cpu().numpy()
+
+
 def initial_table(base_model: SentenceTransformer, *, dim: int | None = None, vocab: int | None = None,
-                  device: str | None = None) -> tuple[np.ndarray, Tokenizer]:
+                  device: str | None = None, init: StaticInit | str = StaticInit.FORWARD
+                  ) -> tuple[np.ndarray, Tokenizer]:
     """The starting table and its tokenizer: a static base's own table, else the base's vocabulary embedded by the
-    base (`vocabulary_table`; `vocab=0`: random), PCA-reduced to `dim` when given."""
+    base (`vocabulary_table`; `vocab=0`: random) or its input token embeddings, PCA-reduced to `dim` when given."""
     if is_static(base_model):  # a static model (a model2vec folder, a trained static student): its own table
-        table, rust = base_model[0].embedding.weight.detach().float().cpu().numpy(), base_model[0].tokenizer
+        module: Any = base_model[0]
+        table, rust = module.embedding.weight.detach().float().cpu().numpy(), module.tokenizer
     else:
         rust = base_model.tokenizer.backend_tokenizer
+        size = rust.get_vocab_size(with_added_tokens=True)
         if vocab == 0:
-            size = rust.get_vocab_size(with_added_tokens=True)
             return random_table(size, dim or embedding_dimension(base_model)), rust
-        table = vocabulary_table(base_model, vocab, device)
+        if StaticInit(init) is StaticInit.EMBEDDINGS:
+            table = input_embeddings(base_model)[:size]
+        else:
+            table = vocabulary_table(base_model, vocab, device)
     if dim and dim != table.shape[1]:
         table = pca_reduce(table, dim)
     return table, rust
@@ -204,13 +244,13 @@ def initial_table(base_model: SentenceTransformer, *, dim: int | None = None, vo
 
 def build_static_student(base: str | Path, teacher_dim: int, *, dim: int | None = None, vocab: int | None = None,
                          projection: str = "auto", normalize: bool = False, max_seq_length: int | None = None,
-                         device: str | None = None) -> StaticStudent:
+                         device: str | None = None, init: StaticInit | str = StaticInit.FORWARD) -> StaticStudent:
     """StaticEmbedding (the base's tokens embedded by the base, PCA-reduced to `dim`) + [Dense] + [Normalize].
 
     `vocab=0` skips the base's embedding: a random table (`dim`, default the base's output dimension).
     """
     base_model = as_static_student(load_model(base, device="cpu"))
-    table, rust = initial_table(base_model, dim=dim, vocab=vocab, device=device)
+    table, rust = initial_table(base_model, dim=dim, vocab=vocab, device=device, init=init)
     length = max_seq_length or base_max_length(base_model)
     static = StaticEmbedding(without_template(rust, length), embedding_weights=torch.from_numpy(table),
                              base_model=str(base))

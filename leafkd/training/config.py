@@ -45,6 +45,13 @@ class StudentKind(Choice):
     STATIC = "static"
 
 
+class StaticInit(Choice):
+    """Where a static student's table starts (leafkd.student.static.StaticInit, as a training option)."""
+
+    FORWARD = "forward"
+    EMBEDDINGS = "embeddings"
+
+
 class TriState(Choice):
     """On, off, or decided by the run (the teacher, the student, the device)."""
 
@@ -96,6 +103,9 @@ class TrainConfig:
     static_dim: int | None = _opt(None, "static: PCA dimensions of the token table (default: the base's dimension)")
     static_vocab: int | None = _opt(None, "static: embed only the first N token ids with the base (ids run roughly "
                                     "by frequency; the rest start as the unknown token; 0: a random table)")
+    static_init: StaticInit = _opt(StaticInit.FORWARD, "static: the table starts as each token embedded by the "
+                                   "base (forward: model2vec-style, one pass over the vocabulary, seconds on a GPU) "
+                                   "or as the base's input token embeddings (embeddings: instant)")
     projection: Projection = _opt(Projection.AUTO, "Dense projection to the teacher's dim: auto (when dims differ), "
                                   "always, none")
     normalize: TriState = _opt(TriState.AUTO, "end the student with Normalize: auto (as the teacher), true, false")
@@ -194,7 +204,7 @@ class TrainConfig:
     ADAPT = ("adapt", "adapt_weight", "adapt_spans")
 
     # Student kinds (issue 21) enter the key only off their defaults (keys of earlier runs are unchanged).
-    STUDENT = ("student_kind", "static_dim", "static_vocab")
+    STUDENT = ("student_kind", "static_dim", "static_vocab", "static_init")
 
     def __post_init__(self) -> None:
         # Fixed-choice options arrive as strings (TOML, the command line, keywords): parse them into their Enum.
@@ -302,9 +312,10 @@ def _validate_bank_and_adaptation(cfg: TrainConfig) -> None:
 
 def _validate_student(cfg: TrainConfig) -> None:
     if cfg.student_kind == StudentKind.STATIC and cfg.student_layers is not None:
-        raise LeafkdError("--student-kind static has no layers to select: drop --student-layers")
-    if cfg.student_kind != StudentKind.STATIC and (cfg.static_dim is not None or cfg.static_vocab is not None):
-        raise LeafkdError("--static-dim and --static-vocab need --student-kind static")
+        raise LeafkdError("a static student has no layers to select: drop --student-layers")
+    if cfg.student_kind != StudentKind.STATIC and (cfg.static_dim is not None or cfg.static_vocab is not None
+                                                   or cfg.static_init != StaticInit.FORWARD):
+        raise LeafkdError("--static-dim, --static-vocab and --static-init need a static student (--student static)")
     if (cfg.static_dim is not None and cfg.static_dim < 1) or (cfg.static_vocab is not None and cfg.static_vocab < 0):
         raise LeafkdError("static_dim must be >= 1 and static_vocab >= 0")
     if cfg.student_kind == StudentKind.STATIC and cfg.packed == TriState.TRUE:

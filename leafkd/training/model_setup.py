@@ -57,7 +57,7 @@ def make_student(cfg: TrainConfig, teacher_dim: int, teacher: TeacherSettings):
     run's device), + pooling + projection (+ Normalize)."""
     student = build_student(cfg.student, teacher_dim, layers=cfg.student_layers, normalize=teacher.normalize,
                             projection=cfg.projection, max_seq_length=cfg.max_seq_length, kind=cfg.student_kind.value,
-                            static_dim=cfg.static_dim, static_vocab=cfg.static_vocab,
+                            static_dim=cfg.static_dim, static_vocab=cfg.static_vocab, static_init=cfg.static_init.value,
                             device=str(pick_device(cfg.device)) if cfg.student_kind == StudentKind.STATIC else None)
     if teacher.query_prompt:
         student.prompts = {**student.prompts, "query": teacher.query_prompt}
