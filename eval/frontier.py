@@ -228,8 +228,8 @@ def run_latency(args) -> dict[str, Any]:
             row["http_onnx_int8_cpu"] = over_http(index, folder, "onnx", texts, args)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    info = {**machine(), "load1_start": load_start, "load1_end": os.getloadavg()[0], "threads": args.threads, "docs": args.docs,
-            "runs": args.runs, "warmup": args.warmup, "teacher": str(teacher)}
+    info = {**machine(), "load1_start": load_start, "load1_end": os.getloadavg()[0], "threads": args.threads,
+            "docs": args.docs, "runs": args.runs, "warmup": args.warmup, "teacher": str(teacher)}
     return {"machine": info, "command": " ".join(sys.argv), "rows": rows}
 
 

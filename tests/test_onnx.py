@@ -60,7 +60,8 @@ def test_static_student_exports_too(tmp_path, minilm_path):
     from leafkd.student.onnx import export_onnx
 
     folder = tmp_path / "static"
-    build_student(minilm_path, 384, kind="static", static_init="embeddings", static_dim=32, normalize=True).save(str(folder))
+    student = build_student(minilm_path, 384, kind="static", static_init="embeddings", static_dim=32, normalize=True)
+    student.save(str(folder))
     result = export_onnx(folder, tmp_path / "out")
     assert result.cosine_min["fp32"] >= 0.999 and "int8" not in result.files
 
