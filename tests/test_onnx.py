@@ -50,8 +50,10 @@ def test_onnx_query_encoder_matches_the_torch_query_encoder(minilm2):
     assert fp32.dim == 768 and fp32.dtype == "float32"
     for got in (fp32(TEXTS), np.concatenate([fp32([t]) for t in TEXTS])):  # padded groups and single queries
         assert got.shape == (4, 768) and np.min(np.sum(got * want, axis=1)) >= 0.999
-    int8 = OnnxQueryEncoder(folder, threads=1)  # the int8 graph, when exported
-    assert int8.dtype == "int8" and np.min(np.sum(int8(TEXTS) * want, axis=1)) >= 0.98
+    int8 = OnnxQueryEncoder(folder, threads=1, prompt="query: ")  # the int8 graph, when exported
+    batch = int8(TEXTS)
+    assert int8.dtype == "int8" and np.min(np.sum(batch * want, axis=1)) >= 0.98
+    assert np.array_equal(batch[3], int8([TEXTS[3]])[0])  # a text's vector does not depend on its batch
     assert fp32([]).shape == (0, 768)
 
 

@@ -1,7 +1,8 @@
 """The ONNX query encoder: a student's exported graph (`leafkd export --onnx`) run by onnxruntime on the CPU.
 
 A drop-in for `QueryEncoder` (same call, same vectors up to the export's measured cosine): the Rust tokenizer
-saved with the export, one ``session.run`` per length group, unit-length float32 vectors out.
+saved with the export, one ``session.run`` per length group (per text for the int8 graph, whose dynamic
+activation quantisation would otherwise mix the texts of a batch), unit-length float32 vectors out.
 """
 
 from __future__ import annotations
@@ -99,11 +100,12 @@ class OnnxQueryEncoder:
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         token_ids = self.tokenize(list(texts))
+        # int8 graphs quantise activations per tensor, so a text's vector would depend on the batch it shares (its
+        # neighbours' ranges, the padding): each text runs alone. fp32 graphs run groups of similar length.
+        groups = [[i] for i in range(len(token_ids))] if self.dtype == "int8" or len(token_ids) == 1 else \
+            length_groups([len(t) for t in token_ids])
         with self._lock:
-            if len(token_ids) == 1:
-                out = self._run(token_ids)
-            else:  # groups of similar length: little padding, one call each
-                out = np.empty((len(token_ids), self.dim), dtype=np.float32)
-                for group in length_groups([len(t) for t in token_ids]):
-                    out[group] = self._run([token_ids[i] for i in group])
+            out = np.empty((len(token_ids), self.dim), dtype=np.float32)
+            for group in groups:
+                out[group] = self._run([token_ids[i] for i in group])
         return normalize(np.asarray(out, dtype=np.float32))
