@@ -23,10 +23,7 @@ LayerSpec = int | str | Sequence[int]
 
 
 def _count(text: str, spec: object) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise LeafkdError(f"student_layers {spec!r}: expected {SPEC_HELP}") from None
+    n = _index(text, spec)
     if n < 1:
         raise LeafkdError(f"student_layers {spec!r}: the count must be >= 1")
     return n
