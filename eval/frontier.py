@@ -295,8 +295,10 @@ def render(out: Path) -> str:
     (out / "frontier.md").write_text(text)
     both = [n for n in lat if n in qual and qual[n].get("asymmetric_pct_teacher") is not None]
     if both:
-        _chart(out / "frontier.png", [(n, lat[n]["onnx_int8_cpu"]["p50_ms"], qual[n]["asymmetric_pct_teacher"])
-                                      for n in both])
+        points = [(n, lat[n]["onnx_int8_cpu"]["p50_ms"], qual[n]["asymmetric_pct_teacher"]) for n in both]
+        if "teacher" in lat and "teacher" not in qual:  # the teacher is 100% of itself
+            points.append(("teacher", lat["teacher"]["onnx_int8_cpu"]["p50_ms"], 100.0))
+        _chart(out / "frontier.png", points)
     return text
 
 
