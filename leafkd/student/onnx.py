@@ -36,6 +36,8 @@ FOLDER = "leafkd-onnx"  # default export folder, inside the student's folder (se
 META = "onnx.json"
 FP32, INT8 = "model.onnx", "model_int8.onnx"
 OPSET = 17
+MIN_FP32_COSINE = 0.999  # an fp32 graph further from torch than this is refused
+MIN_INT8_COSINE = 0.98  # an int8 graph further than this is written with a warning (12-layer mpnet: 0.79)
 # Texts the exported graphs are checked on against torch (short queries and longer passages, mixed case).
 CHECK_TEXTS = (
     "who wrote the novel invisible man and when was it published",
@@ -125,15 +127,6 @@ def run_graph(sess, tokenizer, texts: Sequence[str], lower: bool = False) -> np.
     return np.stack(out).astype(np.float32)
 
 
-def _torch_vectors(graph: SentenceGraph, tokenizer, texts: Sequence[str], lower: bool) -> np.ndarray:
-    rows = []
-    with torch.inference_mode():
-        for text in texts:
-            ids = torch.tensor([tokenizer.encode(text.lower() if lower else text).ids or [0]])
-            rows.append(graph(ids, torch.ones_like(ids))[0].numpy())
-    return np.stack(rows)
-
-
 def _export_graph(graph: SentenceGraph, path: Path) -> None:
     # The tracer warns about every Python-level branch of the model; those branches are shape checks that hold for
     # any batch (the check against torch below is what tells whether the graph is right).
@@ -185,7 +178,8 @@ def export_onnx(student: str | Path, out: str | Path | None = None, *, int8: boo
     lower = bool(getattr(model[0], "do_lower_case", False))
     graph = SentenceGraph(model).eval()
     tokenizer = query_tokenizer(model, max_length)
-    reference = _torch_vectors(graph, tokenizer, check_texts, lower)
+    # The reference is sentence-transformers' own encode: it checks the saved tokenizer as well as the graph.
+    reference = model.encode(list(check_texts), normalize_embeddings=True, convert_to_numpy=True)
     result = OnnxExport(folder=folder, dim=int(reference.shape[1]), max_length=max_length, lower=lower)
     with atomic.atomic_dir(folder) as tmp:
         _export_graph(graph, tmp / FP32)
@@ -196,6 +190,12 @@ def export_onnx(student: str | Path, out: str | Path | None = None, *, int8: boo
         for kind, name in result.files.items():
             cos = np.sum(run_graph(session(tmp / name), tokenizer, check_texts, lower) * reference, axis=1)
             result.cosine_min[kind], result.cosine_mean[kind] = float(cos.min()), float(cos.mean())
+        if result.cosine_min["fp32"] < MIN_FP32_COSINE:  # nothing is written: the graph is not the model
+            raise LeafkdError(f"the ONNX graph of {path} does not reproduce it (cosine to torch "
+                              f"{result.cosine_min['fp32']:.4f} < {MIN_FP32_COSINE})")
+        if result.cosine_min.get("int8", 1.0) < MIN_INT8_COSINE:
+            logger.warning("the int8 graph of %s is far from torch (cosine min %.4f): serve the fp32 graph or "
+                           "check retrieval quality first", path, result.cosine_min["int8"])
         tokenizer.save(str(tmp / "tokenizer.json"))
         atomic.write_text(tmp / META, json.dumps(result.to_json(), indent=2))
     logger.info("ONNX export of %s to %s: cosine to torch %s", path, folder, result.cosine_min)
