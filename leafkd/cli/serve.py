@@ -10,6 +10,7 @@ from leafkd.cli.options import add_number, existing_file
 
 # The values of leafkd.retrieval.Mode, spelled out: importing leafkd.retrieval here would need FAISS for `--help`.
 MODES = ("asymmetric", "teacher", "student")
+BACKENDS = ("torch", "onnx")  # leafkd.retrieval.onnx_encoder.Backend
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -26,13 +27,14 @@ def cmd_serve(args) -> int:
     try:
         address, port = sock.getsockname()[:2]
         auth = auth_line(key, address, args.no_auth)
-        threads = cpu_threads(args.threads, args.device)
+        threads = cpu_threads(args.threads, "cpu" if args.backend == "onnx" else args.device)
         # A plain name is checked and looked up under --indexes-dir; a path is an index folder (served read-only).
         retriever = Retriever.load(args.index, student=args.student, teacher=args.teacher, mode=args.mode,
                                    indexes_dir=args.indexes_dir, device=args.device, gpu=args.gpu,
                                    fp16=True if args.fp16 else None, shards=args.shards,
                                    allow_fingerprint_mismatch=args.allow_fingerprint_mismatch,
-                                   query_prompt=args.query_prompt, verify=not args.no_verify)
+                                   query_prompt=args.query_prompt, verify=not args.no_verify,
+                                   backend=args.backend, onnx_threads=threads or 1)
         limits = Limits(max_query_chars=args.max_query_chars, max_queries=args.max_queries, max_top_k=args.max_top_k,
                         max_hits=args.max_hits, max_response_bytes=int(args.max_response_mb * 2**20),
                         max_body_bytes=int(args.max_body_mb * 2**20))
@@ -105,6 +107,9 @@ def register(subparsers) -> None:
                    help="serve a student whose teacher fingerprint differs from the index's (black-box teachers)")
     p.add_argument("--query-prompt", default=None, help="override the query prompt")
     p.add_argument("--device", default=None, help="torch device for the encoder (default: cuda if present)")
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="query encoder: torch, or onnx (the model's `leafkd export --onnx` graph in onnxruntime on "
+                        "the CPU; its int8 graph when exported; --threads sets onnxruntime's threads)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--gpu", dest="gpu", action="store_true", default=None,
                    help="search with faiss-gpu (default: when present)")

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from leafkd.errors import LeafkdError
+from leafkd.student.choice import resolve_student
+from leafkd.student.layers import canonical_layers
 
 # The corpus-adapted recipe as TrainConfig options (examples/recipes/adapted-bank300.toml, without its data paths).
 RECIPE: dict[str, Any] = {
@@ -39,7 +41,10 @@ class DistillConfig:
 
     corpus: str  # the documents: a BEIR folder, corpus.jsonl, any .jsonl (_id, title, text) or a .txt
     teacher: str  # model folder or installed name
-    student: str = "all-MiniLM-L6-v2"  # base encoder of the student
+    # The student: a base encoder (folder or installed name), or a `StudentChoice`: "teacher" (the teacher's own
+    # layers, see student_layers) or "static" (a static-embedding student from the teacher).
+    student: str = "all-MiniLM-L6-v2"
+    student_layers: str | int | None = None  # layers of the base to keep: first:k, every:n or i,j,k (default: all)
     out: str = "runs/distill"  # run folder: teacher-vectors/, student/, index/, eval/, report.md
     queries: str | None = None  # queries.jsonl for evaluation (a BEIR folder brings its own)
     qrels: str | None = None  # relevance TSV for evaluation (a BEIR folder: qrels/test.tsv)
@@ -65,6 +70,12 @@ class DistillConfig:
                 setattr(self, name, str(value))
         if self.data is not None:
             self.data = [str(d) for d in self.data]
+        self.student, static = resolve_student(self.student, self.teacher)
+        if static:
+            self.train.setdefault("student_kind", "static")
+        layers = canonical_layers(self.student_layers)
+        if layers is not None:
+            self.train.setdefault("student_layers", layers)
 
     @property
     def store_path(self) -> Path:

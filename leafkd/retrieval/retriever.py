@@ -44,12 +44,19 @@ class Mode(StrEnum):
             raise LeafkdError(f"unknown mode {value!r} (use {', '.join(m.value for m in cls)})") from None
 
 
-def load_encoder(path: str | Path, prompt: str | None, device: str | None, dtype) -> QueryEncoder:
-    from leafkd.models import load_model, resolve_model
+def load_encoder(path: str | Path, prompt: str | None, device: str | None, dtype, backend: str = "torch",
+                 threads: int = 1):
+    """The query encoder of the model at `path`: torch (`QueryEncoder`) or its ONNX export (`OnnxQueryEncoder`,
+    CPU, `threads` onnxruntime threads)."""
+    from leafkd.models import resolve_model
+    from leafkd.retrieval.onnx_encoder import Backend, OnnxQueryEncoder
+    from leafkd.student.static import load_student
 
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     p = resolve_model(path)
-    return QueryEncoder(load_model(p, device=dev), prompt=prompt, device=dev, dtype=dtype, name=str(p))
+    if Backend(backend) is Backend.ONNX:
+        return OnnxQueryEncoder(p, prompt=prompt, threads=threads, name=str(p))
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return QueryEncoder(load_student(p, device=dev), prompt=prompt, device=dev, dtype=dtype, name=str(p))
 
 
 def refuse_mismatch(problem: str, allow_mismatch: bool, advice: str) -> None:
@@ -106,12 +113,15 @@ class Retriever:
              mode: str | Mode = Mode.ASYMMETRIC, indexes_dir: str | Path = DEFAULT_INDEXES_DIR,
              device: str | None = None, dtype: str | torch.dtype | None = None, gpu: bool | None = None,
              fp16: bool | None = None, shards: int = 1, allow_fingerprint_mismatch: bool = False,
-             query_prompt: str | None = None, verify: bool = True) -> Retriever:
+             query_prompt: str | None = None, verify: bool = True, backend: str = "torch",
+             onnx_threads: int = 1) -> Retriever:
         """Load an index and the encoder for ``mode``, checking they share one vector space.
 
         - ``asymmetric``: queries by ``student``, whose leafkd.json teacher fingerprint must be the index's.
         - ``teacher``: queries by ``teacher`` (default: the teacher recorded in the index), which must have built it.
         - ``student``: queries by ``student`` over an index the student built itself.
+
+        ``backend="onnx"`` runs the query model's ONNX export (`leafkd export --onnx`) with ``onnx_threads``.
         """
         mode = Mode.parse(mode)
         doc_index = index if isinstance(index, DocIndex) else load_index(index, indexes_dir, verify=verify, gpu=gpu,
@@ -140,7 +150,7 @@ class Retriever:
             check_model_built_index(student, doc_index, allow)
             prompt = query_prompt if query_prompt is not None else doc_index.manifest.get("query_prompt")
             path = student
-        encoder = load_encoder(path, prompt, device, dtype)
+        encoder = load_encoder(path, prompt, device, dtype, backend, onnx_threads)
         return cls(doc_index, encoder, mode)
 
     def warmup(self, freeze_gc: bool = False) -> None:

@@ -1,17 +1,27 @@
-"""The student: a base encoder + mean pooling + a Dense projection into the teacher's space (+ Normalize).
+"""The student: a base encoder (cut to some of its layers) + mean pooling + a Dense projection into the teacher's
+space (+ Normalize), or a static-embedding table + the same head (`leafkd.student.static`).
 
 Built from sentence-transformers modules, so the saved folder loads with plain `SentenceTransformer(path)`.
 """
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
-
-from torch import nn
 
 from leafkd.errors import LeafkdError
 from leafkd.models import load_model
-from leafkd.modules import Dense, Normalize, Pooling, Transformer
+from leafkd.modules import Dense, Pooling, Transformer
+from leafkd.student.head import head_modules
+from leafkd.student.layers import LayerSpec, keep_layers
+from leafkd.student.static import StaticStudent, build_static_student, is_static
+
+
+class StudentKind(StrEnum):
+    """What the student is made of."""
+
+    TRANSFORMER = "transformer"  # the base encoder's layers (all, the first k, or a selection) + mean pooling
+    STATIC = "static"  # a token embedding table initialised from the base (model2vec-style) + mean pooling
 
 
 def _transformer(model) -> Transformer:
@@ -21,41 +31,42 @@ def _transformer(model) -> Transformer:
     return first
 
 
-def truncate_layers(transformer: Transformer, layers: int) -> None:
-    """Keep the first `layers` encoder layers (e.g. a teacher's first k layers as a student)."""
-    auto = transformer.auto_model
-    encoder = getattr(auto, "encoder", None)
-    blocks = getattr(encoder, "layer", None)
-    if encoder is None or blocks is None:
-        raise LeafkdError(f"cannot truncate layers of a {type(auto).__name__}: no encoder.layer list")
-    if not 1 <= layers <= len(blocks):
-        raise LeafkdError(f"student_layers={layers}, but the base has {len(blocks)} layers")
-    encoder.layer = nn.ModuleList(list(blocks)[:layers])
-    auto.config.num_hidden_layers = layers
+def truncate_layers(transformer: Transformer, layers: LayerSpec) -> list[int]:
+    """Keep the encoder layers `layers` names: the first k (an int), a list of indices, or ``every-other``.
+    Returns the kept layers' original indices."""
+    return keep_layers(transformer.auto_model, layers)
 
 
-def build_student(base: str | Path, teacher_dim: int, *, layers: int | None = None, normalize: bool = False,
-                  projection: str = "auto", max_seq_length: int | None = None, device: str | None = None):
-    """Base encoder (optionally cut to `layers`) + mean pooling + Dense(hidden -> teacher_dim) + Normalize."""
+def build_student(base: str | Path, teacher_dim: int, *, layers: LayerSpec | None = None, normalize: bool = False,
+                  projection: str = "auto", max_seq_length: int | None = None, device: str | None = None,
+                  kind: StudentKind | str = StudentKind.TRANSFORMER, static_dim: int | None = None,
+                  static_vocab: int | None = None, static_init: str = "forward"):
+    """A student to train into a `teacher_dim`-d space.
+
+    - ``transformer``: the base encoder (its `layers`: first k, indices, or ``every-other``) + mean pooling +
+      Dense(hidden -> teacher_dim) when the dims differ (or `projection` = always) + Normalize.
+    - ``static``: a StaticEmbedding table initialised from the base (`static_dim`: PCA dims; `static_vocab`: embed
+      only the first N token ids, 0 for a random table; `static_init`: forward (each token through the base,
+      model2vec-style) or embeddings (the base's input embeddings); `device`: where the base embeds) + the
+      same head.
+    """
+    kind = StudentKind(kind)
+    if kind is StudentKind.STATIC:
+        if layers is not None:
+            raise LeafkdError("a static student has no layers to select (drop student_layers)")
+        return build_static_student(base, teacher_dim, dim=static_dim, vocab=static_vocab, projection=projection,
+                                    normalize=normalize, max_seq_length=max_seq_length, device=device,
+                                    init=static_init)
     from sentence_transformers import SentenceTransformer
 
     base_model = load_model(base, device="cpu")
     transformer = _transformer(base_model)
-    if layers:
+    if layers is not None:
         truncate_layers(transformer, layers)
     if max_seq_length:
         transformer.max_seq_length = max_seq_length
     hidden = (getattr(transformer, "get_embedding_dimension", None) or transformer.get_word_embedding_dimension)()
-    modules: list[nn.Module] = [transformer, Pooling(hidden, "mean")]
-    if projection not in ("auto", "always", "none"):
-        raise LeafkdError(f"projection must be auto, always or none, not {projection!r}")
-    if projection == "always" or (projection == "auto" and hidden != teacher_dim):
-        dense = Dense(hidden, teacher_dim, bias=True, activation_function=nn.Identity())
-        modules.append(dense)
-    elif hidden != teacher_dim:
-        raise LeafkdError(f"projection='none' but the student is {hidden}-d and the teacher {teacher_dim}-d")
-    if normalize:
-        modules.append(Normalize())
+    modules = [transformer, Pooling(hidden, "mean"), *head_modules(hidden, teacher_dim, projection, normalize)]
     model = SentenceTransformer(modules=modules, device=device or "cpu")
     # Keep the base's prompts (e.g. a query prompt) so encode_query behaves as the teacher's.
     model.prompts = dict(getattr(base_model, "prompts", {}) or {})
@@ -70,9 +81,10 @@ def projection_layer(model) -> Dense | None:
 
 
 def pooled_model(model):
-    """A view of the student up to its pooling layer (shares the modules; for ridge fitting)."""
+    """A view of the student up to its pooling (shares the modules; for ridge fitting): Transformer + Pooling, or
+    the static table alone."""
     from sentence_transformers import SentenceTransformer
 
+    if is_static(model):
+        return StaticStudent(modules=[model[0]], device=str(model.device))
     return SentenceTransformer(modules=[model[0], model[1]], device=str(model.device))
-
-

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from leafkd.errors import LeafkdError
+from leafkd.student.choice import resolve_student
+from leafkd.student.layers import SPEC_HELP, canonical_layers
 
 
 class Choice(StrEnum):
@@ -35,6 +37,20 @@ class Projection(Choice):
     AUTO = "auto"  # when the dims differ
     ALWAYS = "always"
     NONE = "none"
+
+
+class StudentKind(Choice):
+    """What the student is made of (leafkd.student.build.StudentKind, as a training option)."""
+
+    TRANSFORMER = "transformer"
+    STATIC = "static"
+
+
+class StaticInit(Choice):
+    """Where a static student's table starts (leafkd.student.static.StaticInit, as a training option)."""
+
+    FORWARD = "forward"
+    EMBEDDINGS = "embeddings"
 
 
 class TriState(Choice):
@@ -79,8 +95,18 @@ class TrainConfig:
     vectors: str | None = _opt(None, "teacher-vector store folder (default: OUTPUT/teacher-vectors; captured if "
                                "missing)")
     teacher_vectors: str | None = _opt(None, "black-box teacher: .npy of vectors, row i for text i of --data")
-    student: str = _opt("all-MiniLM-L6-v2", "student base encoder: model folder or installed name")
-    student_layers: int | None = _opt(None, "keep only the first N layers of the student base", min=1)
+    student: str = _opt("all-MiniLM-L6-v2", "student base encoder: model folder or installed name; 'teacher': the "
+                        "teacher's own layers (see --student-layers); 'static': a static student from the teacher")
+    student_kind: StudentKind = _opt(StudentKind.TRANSFORMER, "transformer (the base's layers + mean pooling) or "
+                                     "static (a token embedding table embedded by the base, model2vec-style, + mean "
+                                     "pooling; padded batches)")
+    student_layers: str | int | None = _opt(None, f"layers of the student base to keep: {SPEC_HELP}")
+    static_dim: int | None = _opt(None, "static: PCA dimensions of the token table (default: the base's dimension)")
+    static_vocab: int | None = _opt(None, "static: embed only the first N token ids with the base (ids run roughly "
+                                    "by frequency; the rest start as the unknown token; 0: a random table)")
+    static_init: StaticInit = _opt(StaticInit.FORWARD, "static: the table starts as each token embedded by the "
+                                   "base (forward: model2vec-style, one pass over the vocabulary, seconds on a GPU) "
+                                   "or as the base's input token embeddings (embeddings: instant)")
     projection: Projection = _opt(Projection.AUTO, "Dense projection to the teacher's dim: auto (when dims differ), "
                                   "always, none")
     normalize: TriState = _opt(TriState.AUTO, "end the student with Normalize: auto (as the teacher), true, false")
@@ -183,6 +209,9 @@ class TrainConfig:
     # Corpus adaptation enters the key only when a corpus is adapted to (bank_from_adapt: only when on).
     ADAPT = ("adapt", "adapt_weight", "adapt_spans")
 
+    # Student kinds (issue 21) enter the key only off their defaults (keys of earlier runs are unchanged).
+    STUDENT = ("student_kind", "static_dim", "static_vocab", "static_init")
+
     def __post_init__(self) -> None:
         # Paths arrive as Path objects from library callers: keep them as strings (leafkd.json, the result key).
         for f in fields(self):
@@ -203,6 +232,10 @@ class TrainConfig:
                     flag = name.replace("_", "-")
                     raise LeafkdError(f"--deterministic runs eager kernels: it cannot go with --{flag} true")
                 setattr(self, name, TriState.FALSE)
+        self.student_layers = canonical_layers(self.student_layers)  # "6" and 6: one result key
+        self.student, static = resolve_student(self.student, self.teacher)  # 'teacher' / 'static': the teacher
+        if static:
+            self.student_kind = StudentKind.STATIC
 
     def result_key(self) -> str:
         """A hash of the options that change the result: a run resumes only a checkpoint with the same key."""
@@ -219,6 +252,10 @@ class TrainConfig:
                 del d[k]
         if not self.bank_from_adapt:
             del d["bank_from_adapt"]
+        defaults = {f.name: f.default for f in fields(self) if f.name in self.STUDENT}
+        for k in self.STUDENT:
+            if d[k] == defaults[k]:
+                del d[k]
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -265,6 +302,7 @@ def validate(cfg: TrainConfig) -> None:
         raise LeafkdError("loss weights must be >= 0 with at least one > 0")
     _validate_selection(cfg)
     _validate_bank_and_adaptation(cfg)
+    _validate_student(cfg)
 
 
 def _validate_selection(cfg: TrainConfig) -> None:
@@ -289,3 +327,15 @@ def _validate_bank_and_adaptation(cfg: TrainConfig) -> None:
         raise LeafkdError("adapt_weight and adapt_spans must be >= 0")
     if cfg.adapt and cfg.teacher_vectors:
         raise LeafkdError("--adapt cannot be combined with --teacher-vectors (rows must match the texts of --data)")
+
+
+def _validate_student(cfg: TrainConfig) -> None:
+    if cfg.student_kind == StudentKind.STATIC and cfg.student_layers is not None:
+        raise LeafkdError("a static student has no layers to select: drop --student-layers")
+    if cfg.student_kind != StudentKind.STATIC and (cfg.static_dim is not None or cfg.static_vocab is not None
+                                                   or cfg.static_init != StaticInit.FORWARD):
+        raise LeafkdError("--static-dim, --static-vocab and --static-init need a static student (--student static)")
+    if (cfg.static_dim is not None and cfg.static_dim < 1) or (cfg.static_vocab is not None and cfg.static_vocab < 0):
+        raise LeafkdError("static_dim must be >= 1 and static_vocab >= 0")
+    if cfg.student_kind == StudentKind.STATIC and cfg.packed == TriState.TRUE:
+        raise LeafkdError("--packed true: a static student trains on padded batches (use --packed auto or false)")

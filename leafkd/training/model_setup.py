@@ -13,10 +13,11 @@ import torch
 from leafkd.errors import LeafkdError
 from leafkd.models import resolve_model
 from leafkd.runtime import distributed as dist_
+from leafkd.runtime.devices import pick_device
 from leafkd.runtime.packed import PackedForward, unsupported_reason
 from leafkd.runtime.packed import supported as packed_supported
 from leafkd.student.build import build_student
-from leafkd.training.config import TrainConfig, TriState
+from leafkd.training.config import StudentKind, TrainConfig, TriState
 from leafkd.training.optim import set_dropout
 
 
@@ -52,9 +53,12 @@ def teacher_settings(cfg: TrainConfig, teacher_vectors: np.ndarray, recorded_tea
 
 
 def make_student(cfg: TrainConfig, teacher_dim: int, teacher: TeacherSettings):
-    """The student to train: the base encoder (cut to its layers) + pooling + projection (+ Normalize)."""
+    """The student to train: the base encoder (cut to its layers) or a static table initialised from it (on the
+    run's device), + pooling + projection (+ Normalize)."""
     student = build_student(cfg.student, teacher_dim, layers=cfg.student_layers, normalize=teacher.normalize,
-                            projection=cfg.projection, max_seq_length=cfg.max_seq_length)
+                            projection=cfg.projection, max_seq_length=cfg.max_seq_length, kind=cfg.student_kind.value,
+                            static_dim=cfg.static_dim, static_vocab=cfg.static_vocab, static_init=cfg.static_init.value,
+                            device=str(pick_device(cfg.device)) if cfg.student_kind == StudentKind.STATIC else None)
     if teacher.query_prompt:
         student.prompts = {**student.prompts, "query": teacher.query_prompt}
     set_dropout(student, cfg.dropout)

@@ -42,13 +42,16 @@ def make_loss(cfg: TrainConfig, teacher_sample: np.ndarray, bank: np.ndarray | N
 
 
 def param_groups(model, cfg: TrainConfig) -> list[dict]:
+    # A static student's token table gets no weight decay: AdamW would shrink every row at every step, also the
+    # rows of tokens the batches never contain.
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.EmbeddingBag)}
     proj, enc_decay, enc_no_decay = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if "linear" in name and not name.startswith("0."):
             proj.append(p)
-        elif p.ndim < 2:
+        elif p.ndim < 2 or id(p) in tables:
             enc_no_decay.append(p)
         else:
             enc_decay.append(p)
