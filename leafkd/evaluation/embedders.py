@@ -129,7 +129,8 @@ class ModelEmbedder(Embedder):
 
     @property
     def max_seq_length(self) -> int:
-        return int(self.model.max_seq_length or 0)
+        length = self.model.max_seq_length or 0
+        return int(length) if length != float("inf") else 0  # a static student states no limit
 
     def prompt_for(self, role: str | None, prompts: bool = True) -> str | None:
         if not prompts:
@@ -310,10 +311,11 @@ class ModelSet:
 def _open_model(path: str | Path, name: str, query_prompt: str | None = None, *, device: str | None,
                 batch_tokens: int | None, cache: EmbeddingCache, progress: bool) -> ModelEmbedder:
     """Load a model folder as an embedder with its own saved prompts; `query_prompt` overrides ("" for none)."""
-    from leafkd.models import load_model, resolve_model
+    from leafkd.models import resolve_model
+    from leafkd.student.static import load_student
 
     folder = resolve_model(path)
-    model = load_model(folder, device=device)
+    model = load_student(folder, device=device)  # any model; a static student as leafkd's encoders need it
     prompts = model_prompts(model)
     return ModelEmbedder(model, folder, name=name,
                          query_prompt=query_prompt if query_prompt is not None else prompts.get("query"),
