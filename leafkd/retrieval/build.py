@@ -31,12 +31,11 @@ from leafkd.retrieval.manifest import (
     FORMAT,
     MANIFEST,
     NAME_RE,
-    finish_manifest,
     index_path,
-    save_generation,
     utc_now,
     writer_lock,
 )
+from leafkd.retrieval.segments import write_new_index
 from leafkd.vectors import normalize
 
 logger = logging.getLogger(__name__)
@@ -230,10 +229,8 @@ def build_index(name_or_path: str | Path, corpus: str | Path | Sequence[Document
     manifest = new_manifest(folder.name, embedded, len(docs), factory=factory, labels=labels, built_with=built_with,
                             doc_prompt=doc_prompt, query_prompt=query_prompt, search_params=search_params, fp16=fp16)
     with writer_lock(folder):
-        with atomic_dir(folder) as tmp:
-            files = save_generation(tmp, 1, index, [d.id for d in docs], [d.title for d in docs],
-                                     [d.text for d in docs], keys)
-            write_json(tmp / MANIFEST, finish_manifest(tmp, manifest, files))
+        with atomic_dir(folder) as tmp:  # issue 20: base + keys + SQLite document store (leafkd.retrieval.segments)
+            write_json(tmp / MANIFEST, write_new_index(tmp, manifest, index, docs, keys))
     if embedded.work_dir is not None:
         shutil.rmtree(embedded.work_dir, ignore_errors=True)
     return folder

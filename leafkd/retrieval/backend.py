@@ -1,0 +1,95 @@
+"""What a `leafkd.retrieval.Retriever` searches: the `SearchIndex` protocol, its `Hit`s and the `Backend` names.
+
+Two backends implement it: `leafkd.retrieval.index.DocIndex` (FAISS + the SQLite document store, one machine) and
+`leafkd.retrieval.milvus.MilvusIndex` (a Milvus collection: Milvus Lite in a local file, or a cluster by URI).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from leafkd.data.documents import Document
+from leafkd.errors import LeafkdError
+
+
+class Backend(str, Enum):
+    """Where the teacher's document vectors live."""
+
+    FAISS = "faiss"  # an index folder: FAISS + SQLite on this machine
+    MILVUS = "milvus"  # a Milvus collection (Milvus Lite file, or a cluster)
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, value: str | Backend) -> Backend:
+        try:
+            return cls(value)
+        except ValueError:
+            raise LeafkdError(f"unknown backend {value!r} (use {', '.join(b.value for b in cls)})") from None
+
+
+@dataclass
+class Hit:
+    """One search result; ``metadata`` is the document's JSON object (None when it has none)."""
+
+    id: str
+    score: float
+    title: str
+    text: str
+    metadata: dict[str, Any] | None = None
+
+    def to_dict(self, include_text: bool = True, include_metadata: bool = True) -> dict:
+        d: dict[str, Any] = {"id": self.id, "score": self.score}
+        if include_text:
+            d["title"] = self.title
+            d["text"] = self.text
+        if include_metadata and self.metadata is not None:
+            d["metadata"] = self.metadata
+        return d
+
+    @classmethod
+    def of(cls, doc: Document, score: float) -> Hit:
+        return cls(doc.id, float(score), doc.title, doc.text, doc.metadata)
+
+
+@runtime_checkable
+class SearchIndex(Protocol):
+    """The surface the Retriever (and the server) use, whatever stores the vectors."""
+
+    manifest: dict
+    device: str
+
+    @property
+    def path(self) -> Path | str | None: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def count(self) -> int: ...
+
+    @property
+    def teacher_fingerprint(self) -> str: ...
+
+    def accepts_fingerprint(self, fp: str | None) -> bool: ...
+
+    def nbytes(self) -> int: ...
+
+    def hits(self, queries: np.ndarray, top_k: int, filter: Any = None) -> list[list[Hit]]: ...
+
+    def get_document(self, doc_id: str) -> Document | None: ...
+
+    def close(self) -> None: ...
+
+
+def accepts(manifest: dict, fp: str | None) -> bool:
+    """Whether vectors of a teacher with fingerprint ``fp`` (any capture prompt/normalisation) share the space of an
+    index with this manifest."""
+    known = manifest.get("teacher_fingerprints", {})
+    return fp is not None and (fp == manifest["teacher_fingerprint"] or fp in known)
