@@ -158,3 +158,29 @@ def test_retriever_filters_and_returns_metadata(tmp_path, docs, emb):
     with pytest.raises(LeafkdError, match="unknown operator"):
         r.search(["x"], filter={"year": {"like": "19%"}})
     r.index.close()
+
+
+def test_metadata_columns_match_sql(tmp_path, monkeypatch, docs):
+    import leafkd.retrieval.columns as columns
+
+    store = DocStore(tmp_path / "s.sqlite")
+    store.fill(docs[:1000], np.arange(1000))
+    cols = columns.MetadataColumns()
+    specs = FILTERS + [{"source": "journal"}, {"source.kind": {"ne": "journal"}}, {"year": {"gte": "1990"}},
+                       {"year": {"lt": "1999"}}, {"lang": {"gt": "en"}}, {"lang": {"lte": "en"}}, {"year": True}]
+    for spec in specs:
+        flt = Filter.parse(spec)
+        assert cols.match(store, flt).tolist() == store.match(flt).tolist(), spec
+    assert set(cols.columns) == {"lang", "year", "source.kind", "peer_reviewed", "source.pages", "source"}
+    # documents added after the columns were built are matched in SQLite, until a rebuild takes them in
+    from leafkd.retrieval.docstore import Segment
+
+    store.add(docs[1000:], Segment(1, "segment.1.npy", "-", 1000, len(docs) - 1000))
+    for spec in specs:
+        flt = Filter.parse(spec)
+        assert cols.match(store, flt).tolist() == store.match(flt).tolist(), spec
+    assert cols.upto == 1000
+    monkeypatch.setattr(columns, "TAIL_MIN", 10)
+    cols.match(store, Filter.parse({"lang": "de"}))
+    assert cols.upto == len(docs) and len(cols.keys) == len(docs)
+    store.close()

@@ -183,7 +183,8 @@ class DocStore:
     def set_state(conn: sqlite3.Connection, **values: int) -> None:
         conn.executemany("UPDATE state SET value = ? WHERE name = ?", [(int(v), k) for k, v in values.items()])
 
-    def _query(self, sql: str, params: Sequence = ()) -> list:
+    def rows(self, sql: str, params: Sequence = ()) -> list:
+        """The rows of one read query (an SQLite error is a one-line LeafkdError)."""
         with self._lock:
             try:
                 return self.conn.execute(sql, params).fetchall()
@@ -196,7 +197,7 @@ class DocStore:
 
     # -- reads
     def state(self) -> StoreState:
-        values = dict(self._query("SELECT name, value FROM state"))
+        values = dict(self.rows("SELECT name, value FROM state"))
         return StoreState(values["count"], values["next_key"], values["seq"])
 
     def changes(self, segments_after: int, removed_after: int) -> Changes:
@@ -206,28 +207,28 @@ class DocStore:
             self.conn.execute("BEGIN")
             try:
                 state = self.state()
-                segs = [Segment(*r) for r in self._query(
+                segs = [Segment(*r) for r in self.rows(
                     "SELECT seq, file, sha256, first_key, count FROM segments WHERE seq > ? ORDER BY seq",
                     (segments_after,))]
-                removed = np.array([r[0] for r in self._query("SELECT key FROM removed WHERE seq > ? ORDER BY key",
+                removed = np.array([r[0] for r in self.rows("SELECT key FROM removed WHERE seq > ? ORDER BY key",
                                                               (removed_after,))], dtype=np.int64)
             finally:
                 self.conn.execute("COMMIT")
         return Changes(state, segs, removed)
 
     def __contains__(self, doc_id: object) -> bool:
-        return bool(self._query("SELECT 1 FROM docs WHERE id = ?", (str(doc_id),)))
+        return bool(self.rows("SELECT 1 FROM docs WHERE id = ?", (str(doc_id),)))
 
     def keys_of(self, ids: Sequence[str]) -> dict[str, int]:
         """{id: key} of the given ids that are in the store."""
         out: dict[str, int] = {}
         for part in chunks(list(ids)):
             marks = ",".join("?" * len(part))
-            out.update(self._query(f"SELECT id, key FROM docs WHERE id IN ({marks})", list(part)))
+            out.update(self.rows(f"SELECT id, key FROM docs WHERE id IN ({marks})", list(part)))
         return out
 
     def get(self, doc_id: str) -> Document | None:
-        rows = self._query("SELECT id, title, text, metadata FROM docs WHERE id = ?", (str(doc_id),))
+        rows = self.rows("SELECT id, title, text, metadata FROM docs WHERE id = ?", (str(doc_id),))
         return row_document(rows[0]) if rows else None
 
     def fetch(self, keys: Iterable[int]) -> dict[int, Document]:
@@ -235,7 +236,7 @@ class DocStore:
         out: dict[int, Document] = {}
         for part in chunks(sorted({int(k) for k in keys})):
             marks = ",".join("?" * len(part))
-            for row in self._query(f"SELECT key, id, title, text, metadata FROM docs WHERE key IN ({marks})",
+            for row in self.rows(f"SELECT key, id, title, text, metadata FROM docs WHERE key IN ({marks})",
                                    list(part)):
                 out[row[0]] = row_document(row[1:])
         return out
@@ -243,21 +244,21 @@ class DocStore:
     def match(self, flt: Filter) -> np.ndarray:
         """Sorted keys of the live documents whose metadata satisfies ``flt``."""
         where, params = flt.to_sql()
-        rows = self._query(f"SELECT key FROM docs WHERE metadata IS NOT NULL AND {where} ORDER BY key", params)
+        rows = self.rows(f"SELECT key FROM docs WHERE metadata IS NOT NULL AND {where} ORDER BY key", params)
         return np.array([r[0] for r in rows], dtype=np.int64)
 
     def ids(self) -> Iterator[str]:
         """Every live id, in key order (O(corpus): for exports and tests)."""
-        for (doc_id,) in self._query("SELECT id FROM docs ORDER BY key"):
+        for (doc_id,) in self.rows("SELECT id FROM docs ORDER BY key"):
             yield doc_id
 
     def segment_files(self) -> set[str]:
-        return {r[0] for r in self._query("SELECT file FROM segments")}
+        return {r[0] for r in self.rows("SELECT file FROM segments")}
 
     def pending(self, base_seq: int) -> tuple[int, int]:
         """(segments, removed keys) recorded after update ``base_seq``: the work a compaction would fold in."""
-        segs = self._query("SELECT count(*) FROM segments WHERE seq > ?", (base_seq,))[0][0]
-        removed = self._query("SELECT count(*) FROM removed")[0][0]
+        segs = self.rows("SELECT count(*) FROM segments WHERE seq > ?", (base_seq,))[0][0]
+        removed = self.rows("SELECT count(*) FROM removed")[0][0]
         return int(segs), int(removed)
 
     # -- writes (one transaction each)

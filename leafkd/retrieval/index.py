@@ -33,6 +33,7 @@ import numpy as np
 from leafkd.data.documents import Document
 from leafkd.errors import LeafkdError
 from leafkd.retrieval.backend import Hit, accepts
+from leafkd.retrieval.columns import MetadataColumns
 from leafkd.retrieval.docstore import DocStore, StoreState
 from leafkd.retrieval.faiss_utils import add_vectors, apply_search_params, faiss_error, gpu_count, index_to_gpu
 from leafkd.retrieval.filters import Filter
@@ -88,14 +89,34 @@ class DocIndex:
         self.index = index  # faiss.Index (CPU copy; `search_index` may be a GPU clone)
         self.search_index = search_index if search_index is not None else index
         self.store = store
-        self.keys = np.asarray(keys, dtype=np.int64)  # position -> key, ascending
+        self.keys = keys  # position -> key, ascending
         self.dead = np.asarray(dead, dtype=np.int64)  # labels of tombstones, sorted
         self.state = state  # the store update this in-memory index reflects
         self.device = device
         self.by_key = manifest["labels"] == "keys"
+        self.columns = MetadataColumns()  # filtered fields, evaluated in memory
         self._lock = threading.RLock()  # searches and in-memory updates
         self.write_lock = threading.Lock()  # serialises this process's updates (taken before the writer lock)
         self.manifest = self.current_manifest()
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self._keys[: self._nkeys]
+
+    @keys.setter
+    def keys(self, keys: np.ndarray) -> None:
+        self._keys = np.array(keys, dtype=np.int64)
+        self._nkeys = len(self._keys)
+
+    def append_keys(self, keys: np.ndarray) -> None:
+        """Append keys in amortised O(batch) (a server's adds should not copy every key each time)."""
+        need = self._nkeys + len(keys)
+        if need > len(self._keys):
+            grown = np.empty(max(need, 2 * len(self._keys), 1024), dtype=np.int64)
+            grown[: self._nkeys] = self.keys
+            self._keys = grown
+        self._keys[self._nkeys : need] = keys
+        self._nkeys = need
 
     def current_manifest(self) -> dict:
         """The manifest with the live counts of this in-memory index."""
@@ -196,7 +217,7 @@ class DocIndex:
         if top_k <= 0 or len(queries) == 0:
             return [[] for _ in range(len(queries))], [[] for _ in range(len(queries))]
         with self._lock:
-            allowed = self.labels_of(self.store.match(flt)) if flt is not None else None
+            allowed = self.labels_of(self.columns.match(self.store, flt)) if flt is not None else None
             scores, labels = search_among(self.index, self.search_index, queries, top_k, allowed,
                                           self.dead if len(self.dead) else None)
             out_keys, out_scores = [], []
@@ -226,7 +247,7 @@ class DocIndex:
                     logger.warning("note: the GPU index cannot take added vectors (%s); searching on the CPU",
                                    faiss_error(e))
                     self.search_index, self.device = self.index, "cpu"
-            self.keys = np.concatenate([self.keys, keys])
+            self.append_keys(keys)
             self.state = state
             self.manifest = self.current_manifest()
 
@@ -260,6 +281,7 @@ class DocIndex:
         old_store = self.store
         self.static, self.index, self.store, self.keys = other.static, other.index, other.store, other.keys
         self.dead, self.state, self.search_index, self.device = other.dead, other.state, other.index, "cpu"
+        self.columns = MetadataColumns()
         self.manifest = self.current_manifest()
         old_store.close()
 

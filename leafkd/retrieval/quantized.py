@@ -154,13 +154,14 @@ class QuantizedIndex:
 
     def remove_ids(self, ids: np.ndarray) -> int:
         """Remove vectors by position (their rescoring rows stay on disk until the next compaction)."""
+        total = self.ntotal
         ids = np.unique(np.asarray(ids, dtype=np.int64))
-        ids = ids[(ids >= 0) & (ids < self.ntotal)]
-        keep = np.ones(self.ntotal, dtype=bool)
+        ids = ids[(ids >= 0) & (ids < total)]
+        keep = np.ones(total, dtype=bool)
         keep[ids] = False
         removed = int(self.codes.remove_ids(ids))
         if self.rescore is not Rescore.NONE:
-            rows = self.rows if self.rows is not None else np.arange(self.ntotal, dtype=np.int64)
+            rows = self.rows if self.rows is not None else np.arange(total, dtype=np.int64)
             self.rows = rows[keep]
         return removed
 
