@@ -94,10 +94,10 @@ def updates(target, size: int, batch: int, repeats: int, dim: int, rng, tag: int
         start = tag * 10**8 + r * batch
         docs, x = documents(start, batch, rng), vectors(batch, dim, rng)
         before = folder_bytes(folder)
-        adds.append(timed(lambda: add_documents(target, docs, vectors=x, teacher_fingerprint=FP))[0])
+        adds.append(timed(lambda docs=docs, x=x: add_documents(target, docs, vectors=x, teacher_fingerprint=FP))[0])
         written.append(folder_bytes(folder) - before)
         gone = [f"d{i}" for i in rng.choice(size, batch, replace=False)]
-        dels.append(timed(lambda: delete_documents(target, gone, missing_ok=True))[0])
+        dels.append(timed(lambda gone=gone: delete_documents(target, gone, missing_ok=True))[0])
     return {"add_s": [round(s, 4) for s in adds], "delete_s": [round(s, 4) for s in dels],
             "add_median_s": round(float(np.median(adds)), 4), "delete_median_s": round(float(np.median(dels)), 4),
             "add_bytes_written_median": int(np.median(written))}

@@ -187,8 +187,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['set']} | {r['variant']} | {r['ndcg_at_10']:.4f} | {r['ndcg_kept']:.1%} | "
                      f"{r['memory_mib_per_1m']:,.1f} | {r['rescore_disk_mib_per_1m']:,.1f} | {r['ms_per_query']} |")
     if report.get("rss"):
-        lines += ["", "| resident memory of a loaded index | documents | dim | after load MiB | after 100 queries MiB |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += ["", "| resident memory of a loaded index | documents | dim | after load MiB "
+                  "| after 100 queries MiB |", "|---|---:|---:|---:|---:|"]
         for r in report["rss"]:
             lines.append(f"| {r['variant']} | {r['documents']:,} | {r['dim']} | {r['rss_load_mib']:,.1f} | "
                          f"{r['rss_after_100_queries_mib']:,.1f} |")

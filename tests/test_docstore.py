@@ -19,6 +19,9 @@ import retrieval_support as S
 from leafkd.data.documents import Document, read_documents
 from leafkd.errors import LeafkdError
 from leafkd.retrieval import (
+    DuplicateIdError,
+    InvalidDocumentError,
+    UnknownIdError,
     add_documents,
     build_index,
     compact_index,
@@ -39,7 +42,8 @@ def corpus(n: int, start: int = 0) -> tuple[list[Document], np.ndarray]:
     """Cranfield texts with metadata, and random unit vectors (the store does not care what they are)."""
     base = S.cranfield_docs()
     docs = [Document(f"c{i}", base[i % len(base)].title, base[i % len(base)].text,
-                     {"year": 1950 + i % 40, "lang": ["en", "de", "fr"][i % 3], "i": i}) for i in range(start, start + n)]
+                     {"year": 1950 + i % 40, "lang": ["en", "de", "fr"][i % 3], "i": i})
+            for i in range(start, start + n)]
     x = np.random.default_rng(start).standard_normal((n, DIM)).astype(np.float32)
     return docs, x / np.linalg.norm(x, axis=1, keepdims=True)
 
@@ -69,7 +73,7 @@ def test_corpus_metadata_is_read_and_stored(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"_id": "a", "text": "x", "metadata": [1, 2]}\n')
     with pytest.raises(LeafkdError, match=r"bad.jsonl:1: field 'metadata' is not a JSON object"):
         read_documents(tmp_path / "bad.jsonl")
-    with pytest.raises(LeafkdError, match="metadata must be a JSON object"):
+    with pytest.raises(InvalidDocumentError, match="metadata must be a JSON object"):
         add_documents(folder, [Document("z", "", "x", "not a dict")], vectors=np.eye(1, DIM), teacher_fingerprint=FP)
 
 
@@ -94,9 +98,10 @@ def test_adds_and_deletes_touch_only_the_batch_on_disk(tmp_path):
     assert top1(idx, x[[6, 351, 399]]) == ["c6", "c351", "c399"]
     assert "c5" not in top1(idx, x[[5]]) and "c350" not in top1(idx, x[[350]])
     idx.close()
-    with pytest.raises(LeafkdError, match="already in the index"):
+    with pytest.raises(DuplicateIdError, match="already in the index") as e:  # (a server's 409)
         add_documents(folder, docs[10:11], vectors=x[10:11], teacher_fingerprint=FP)
-    with pytest.raises(LeafkdError, match="not in the index: c5"):
+    assert e.value.ids == ["c10"]
+    with pytest.raises(UnknownIdError, match="not in the index: c5"):  # (404)
         delete_documents(folder, ["c5"])
     assert delete_documents(folder, ["c5"], missing_ok=True)["count"] == 398
 

@@ -17,6 +17,31 @@ from leafkd.data.documents import Document
 from leafkd.errors import LeafkdError
 
 
+class DocumentError(LeafkdError):
+    """An update or lookup that the documents refuse (a server answers it with a 4xx)."""
+
+
+class DuplicateIdError(DocumentError):
+    """Document ids that are already in the index (HTTP 409)."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+        super().__init__(f"{len(ids)} document id(s) already in the index ({', '.join(ids[:5])}"
+                         f"{', ...' if len(ids) > 5 else ''}); delete them first to replace them")
+
+
+class UnknownIdError(DocumentError):
+    """Document ids that are not in the index (HTTP 404)."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+        super().__init__(f"{len(ids)} id(s) not in the index: {', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''}")
+
+
+class InvalidDocumentError(DocumentError):
+    """A document the index cannot take (metadata that is not a JSON object, a text over a backend's limit; 422)."""
+
+
 class Backend(str, Enum):
     """Where the teacher's document vectors live."""
 

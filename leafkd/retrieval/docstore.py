@@ -31,6 +31,7 @@ import numpy as np
 from leafkd.atomic import atomic_path
 from leafkd.data.documents import Document
 from leafkd.errors import LeafkdError
+from leafkd.retrieval.backend import DuplicateIdError, InvalidDocumentError
 from leafkd.retrieval.filters import Filter
 
 STORE = "docs.sqlite"
@@ -83,13 +84,14 @@ def encode_metadata(doc_id: str, metadata: object) -> str | None:
     if metadata is None:
         return None
     if not isinstance(metadata, dict):
-        raise LeafkdError(f"document {doc_id!r}: metadata must be a JSON object, got {type(metadata).__name__}")
+        raise InvalidDocumentError(f"document {doc_id!r}: metadata must be a JSON object, got "
+                                   f"{type(metadata).__name__}")
     try:
         text = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise LeafkdError(f"document {doc_id!r}: metadata is not JSON ({e})") from None
+        raise InvalidDocumentError(f"document {doc_id!r}: metadata is not JSON ({e})") from None
     if len(text.encode("utf-8")) > MAX_METADATA_BYTES:
-        raise LeafkdError(f"document {doc_id!r}: metadata over {MAX_METADATA_BYTES} bytes")
+        raise InvalidDocumentError(f"document {doc_id!r}: metadata over {MAX_METADATA_BYTES} bytes")
     return text
 
 
@@ -268,15 +270,14 @@ class DocStore:
             state = self.state()
             taken = list(self.keys_of([d.id for d in docs]))
             if taken:
-                raise LeafkdError(f"{len(taken)} document id(s) already in the index ({', '.join(taken[:5])}); "
-                                  "delete them first to replace them")
+                raise DuplicateIdError(taken)
             if segment.first_key != state.next_key or segment.seq != state.seq + 1 or segment.count != len(docs):
                 raise LeafkdError(f"{self.path}: the store changed during the add (next key {state.next_key})")
             try:
                 conn.executemany("INSERT INTO docs VALUES (?, ?, ?, ?, ?)",
                                  document_rows(docs, segment.keys().tolist()))
             except sqlite3.IntegrityError as e:
-                raise LeafkdError(f"duplicate document ids in the batch ({e})") from None
+                raise InvalidDocumentError(f"duplicate document ids in the batch ({e})") from None
             conn.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?)",
                          (segment.seq, segment.file, segment.sha256, segment.first_key, segment.count))
             new = StoreState(state.count + len(docs), state.next_key + len(docs), segment.seq)
@@ -303,15 +304,6 @@ class DocStore:
         with self.transaction() as conn:
             conn.execute("DELETE FROM segments WHERE seq <= ?", (upto_seq,))
             conn.execute("DELETE FROM removed WHERE seq <= ?", (upto_seq,))
-
-    def index_field(self, field: str) -> None:
-        """An SQLite index on one metadata field, so equality and range filters on it skip the full scan."""
-        flt = Filter.parse({field: 0})
-        assert flt is not None
-        path = flt.conditions[0].path
-        name = "meta_" + field.replace(".", "__")
-        with self._lock:
-            self.conn.execute(f"CREATE INDEX IF NOT EXISTS {name} ON docs(json_extract(metadata, '{path}'))")
 
     def backup(self, dest: str | Path) -> None:
         """A consistent copy of the whole store (the sqlite3 online backup API)."""

@@ -32,6 +32,10 @@ MAX_CONDITIONS = 64
 MAX_IN_VALUES = 1024
 
 
+class FilterError(LeafkdError):
+    """A filter that is not valid (HTTP 422)."""
+
+
 class Op(str, Enum):
     """A comparison on one metadata field."""
 
@@ -68,7 +72,7 @@ def check_value(field: str, op: Op, value: Any) -> Scalar:
         ok = False
     if not ok:
         allowed = "a number or a string" if op in RANGE_OPS else "a string, a number or a boolean"
-        raise LeafkdError(f"filter on {field!r}: {op.value} needs {allowed}, got {json.dumps(value)[:60]}")
+        raise FilterError(f"filter on {field!r}: {op.value} needs {allowed}, got {json.dumps(value)[:60]}")
     return value
 
 
@@ -91,22 +95,22 @@ class Condition:
 
 def parse_condition(field: Any, spec: Any) -> list[Condition]:
     if not isinstance(field, str) or not FIELD_RE.match(field):
-        raise LeafkdError(f"filter field {str(field)[:60]!r}: use names of letters, digits and '_', "
+        raise FilterError(f"filter field {str(field)[:60]!r}: use names of letters, digits and '_', "
                           "joined by '.' for nested fields")
     if not isinstance(spec, Mapping):
         return [Condition(field, Op.EQ, check_value(field, Op.EQ, spec))]
     if not spec:
-        raise LeafkdError(f"filter on {field!r}: an empty object (give operators: {', '.join(o.value for o in Op)})")
+        raise FilterError(f"filter on {field!r}: an empty object (give operators: {', '.join(o.value for o in Op)})")
     out = []
     for name, value in spec.items():
         try:
             op = Op(name)
         except ValueError:
-            raise LeafkdError(f"filter on {field!r}: unknown operator {str(name)[:30]!r} "
+            raise FilterError(f"filter on {field!r}: unknown operator {str(name)[:30]!r} "
                               f"(use {', '.join(o.value for o in Op)})") from None
         if op is Op.IN:
             if not isinstance(value, list) or not value or len(value) > MAX_IN_VALUES:
-                raise LeafkdError(f"filter on {field!r}: 'in' needs a list of 1 to {MAX_IN_VALUES} values")
+                raise FilterError(f"filter on {field!r}: 'in' needs a list of 1 to {MAX_IN_VALUES} values")
             out.append(Condition(field, op, tuple(check_value(field, Op.EQ, v) for v in value)))
         else:
             out.append(Condition(field, op, check_value(field, op, value)))
@@ -125,10 +129,10 @@ class Filter:
         if spec is None or isinstance(spec, Filter):
             return spec
         if not isinstance(spec, Mapping):
-            raise LeafkdError(f"a filter is a JSON object of field conditions, got {type(spec).__name__}")
+            raise FilterError(f"a filter is a JSON object of field conditions, got {type(spec).__name__}")
         conditions = [c for field, value in spec.items() for c in parse_condition(field, value)]
         if len(conditions) > MAX_CONDITIONS:
-            raise LeafkdError(f"a filter has at most {MAX_CONDITIONS} conditions, got {len(conditions)}")
+            raise FilterError(f"a filter has at most {MAX_CONDITIONS} conditions, got {len(conditions)}")
         return cls(tuple(conditions)) if conditions else None
 
     # -- SQLite

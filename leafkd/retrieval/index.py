@@ -169,10 +169,6 @@ class DocIndex:
             raise KeyError(doc_id)
         return doc
 
-    def index_metadata_field(self, field: str) -> None:
-        """An SQLite index on one metadata field (equality and range filters on it then skip the table scan)."""
-        self.store.index_field(field)
-
     # -- device
     def to_gpu(self, fp16: bool = False, shards: int = 1) -> DocIndex:
         """Search on the GPU(s) from now on; the CPU copy stays for saving. Raises LeafkdError if impossible."""

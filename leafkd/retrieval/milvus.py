@@ -19,6 +19,7 @@ delete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from pymilvus import DataType, MilvusClient  # noqa: E402
 
 from leafkd.data.documents import Document, check_unique_ids, read_documents  # noqa: E402
 from leafkd.errors import LeafkdError  # noqa: E402
-from leafkd.retrieval.backend import Hit, accepts  # noqa: E402
+from leafkd.retrieval.backend import DuplicateIdError, Hit, InvalidDocumentError, UnknownIdError, accepts  # noqa: E402
 from leafkd.retrieval.build import precomputed_vectors, teacher_vectors  # noqa: E402
 from leafkd.retrieval.docstore import encode_metadata  # noqa: E402
 from leafkd.retrieval.filters import Filter  # noqa: E402
@@ -98,10 +99,10 @@ def check_rows(docs: Sequence[Document]) -> None:
     """Milvus' limits on ids and texts, as one-line errors before anything is embedded or inserted."""
     for d in docs:
         if not d.id or len(d.id) > ID_MAX_CHARS:
-            raise LeafkdError(f"document id {d.id[:40]!r}: Milvus ids are 1 to {ID_MAX_CHARS} characters")
+            raise InvalidDocumentError(f"document id {d.id[:40]!r}: Milvus ids are 1 to {ID_MAX_CHARS} characters")
         for name, value in (("title", d.title), ("text", d.text)):
             if len((value or "").encode("utf-8")) > TEXT_MAX_BYTES:
-                raise LeafkdError(f"document {d.id!r}: its {name} is over Milvus' {TEXT_MAX_BYTES} bytes")
+                raise InvalidDocumentError(f"document {d.id!r}: its {name} is over Milvus' {TEXT_MAX_BYTES} bytes")
         encode_metadata(d.id, d.metadata)
 
 
@@ -118,7 +119,7 @@ class MilvusIndex:
     def open(cls, uri: str, collection: str, *, token: str | None = None, db_name: str | None = None) -> MilvusIndex:
         """The collection ``collection`` at ``uri``; it must have been built by leafkd."""
         client = connect(uri, token, db_name)
-        try:
+        with closed_on_error(client, uri, f"open {collection!r}"):
             if not client.has_collection(collection):
                 raise LeafkdError(f"Milvus at {uri}: no collection {collection!r} (build it with build_milvus_index)")
             props = client.describe_collection(collection).get("properties", {})
@@ -126,12 +127,6 @@ class MilvusIndex:
                 raise LeafkdError(f"Milvus at {uri}: collection {collection!r} was not built by leafkd")
             manifest = json.loads(props[MANIFEST_PROPERTY])
             client.load_collection(collection)  # a reopened collection starts released
-        except LeafkdError:
-            close_client(client, uri)
-            raise
-        except Exception as e:
-            close_client(client, uri)
-            raise LeafkdError(f"Milvus at {uri}: cannot open {collection!r} ({one_line(e)})") from None
         return cls(client, collection, manifest, uri)
 
     @classmethod
@@ -142,27 +137,12 @@ class MilvusIndex:
         if not NAME_RE.match(collection):
             raise LeafkdError(f"collection name {collection!r}: use letters, digits and '_' (not first a digit)")
         client = connect(uri, token, db_name)
-        try:
+        with closed_on_error(client, uri, f"create {collection!r}"):
             if client.has_collection(collection):
                 if not overwrite:
                     raise LeafkdError(f"Milvus at {uri}: collection {collection!r} exists (overwrite=True replaces it)")
                 client.drop_collection(collection)
-            schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
-            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_CHARS * 4)
-            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(manifest["dim"]))
-            schema.add_field("title", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
-            schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
-            schema.add_field("metadata", DataType.JSON, nullable=True)
-            params = client.prepare_index_params()
-            params.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=index_params or {})
-            client.create_collection(collection, schema=schema, index_params=params, consistency_level="Strong")
-            client.alter_collection_properties(collection, properties={MANIFEST_PROPERTY: json.dumps(manifest)})
-        except LeafkdError:
-            close_client(client, uri)
-            raise
-        except Exception as e:
-            close_client(client, uri)
-            raise LeafkdError(f"Milvus at {uri}: cannot create {collection!r} ({one_line(e)})") from None
+            new_collection(client, collection, manifest, index_type, index_params or {})
         return cls(client, collection, manifest, uri)
 
     def close(self) -> None:
@@ -245,8 +225,7 @@ class MilvusIndex:
         check_rows(docs)
         taken = sorted(self.existing([d.id for d in docs]))
         if taken:
-            raise LeafkdError(f"{len(taken)} document id(s) already in the index ({', '.join(taken[:5])}); "
-                              "delete them first to replace them")
+            raise DuplicateIdError(taken)
         vectors = normalize(np.asarray(vectors, dtype=np.float32))
         for start in range(0, len(docs), INSERT_BATCH):
             rows = [{"id": d.id, "vector": vectors[start + i], "title": d.title or "", "text": d.text or "",
@@ -261,13 +240,40 @@ class MilvusIndex:
         found = self.existing(wanted)
         unknown = [d for d in wanted if d not in found]
         if unknown and not missing_ok:
-            raise LeafkdError(f"{len(unknown)} id(s) not in the index: {', '.join(unknown[:5])}")
+            raise UnknownIdError(unknown)
         ids = [d for d in wanted if d in found]
         for start in range(0, len(ids), LOOKUP_BATCH):
             self.call("delete", self.client.delete, self.collection, ids=ids[start : start + LOOKUP_BATCH])
         if ids:
             self.call("flush", self.client.flush, self.collection)
         return {**self.manifest, "count": self.count}
+
+
+@contextlib.contextmanager
+def closed_on_error(client: MilvusClient, uri: str, what: str) -> Iterator[None]:
+    """Close the client if the block fails; Milvus' own exceptions become one-line LeafkdErrors."""
+    try:
+        yield
+    except LeafkdError:
+        close_client(client, uri)
+        raise
+    except Exception as e:
+        close_client(client, uri)
+        raise LeafkdError(f"Milvus at {uri}: cannot {what} ({one_line(e)})") from None
+
+
+def new_collection(client: MilvusClient, collection: str, manifest: dict, index_type: str, index_params: dict) -> None:
+    """Create the leafkd schema, its vector index and the manifest property."""
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_CHARS * 4)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(manifest["dim"]))
+    schema.add_field("title", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
+    schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
+    schema.add_field("metadata", DataType.JSON, nullable=True)
+    params = client.prepare_index_params()
+    params.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=index_params)
+    client.create_collection(collection, schema=schema, index_params=params, consistency_level="Strong")
+    client.alter_collection_properties(collection, properties={MANIFEST_PROPERTY: json.dumps(manifest)})
 
 
 def entity_document(entity: dict) -> Document:

@@ -19,6 +19,7 @@ import numpy as np
 
 from leafkd.data.documents import Document, check_unique_ids, read_documents
 from leafkd.errors import LeafkdError
+from leafkd.retrieval.backend import DuplicateIdError, UnknownIdError
 from leafkd.retrieval.build import embed_documents
 from leafkd.retrieval.docstore import DocStore, StoreState, encode_metadata
 from leafkd.retrieval.index import DocIndex
@@ -141,8 +142,7 @@ def add_documents(index: IndexRef, corpus: str | Path | Sequence[Document], *, t
             return loaded.manifest if loaded is not None else with_counts(manifest, state)
         taken = list(store.keys_of([d.id for d in docs]))
         if taken:
-            raise LeafkdError(f"{len(taken)} document id(s) already in the index ({', '.join(taken[:5])}); "
-                              "delete them first to replace them")
+            raise DuplicateIdError(taken)
         emb = teacher_embeddings(manifest, docs, **embed)  # type: ignore[arg-type]
         segment = write_segment(folder, state.seq + 1, state.next_key, emb)
         new_state = store.add(docs, segment)  # the commit
@@ -163,8 +163,7 @@ def delete_documents(index: IndexRef, doc_ids: Sequence[str], *, indexes_dir: st
         found = store.keys_of(wanted)
         unknown = [d for d in wanted if d not in found]
         if unknown and not missing_ok:
-            raise LeafkdError(f"{len(unknown)} id(s) not in the index: {', '.join(unknown[:5])}"
-                              f"{', ...' if len(unknown) > 5 else ''}")
+            raise UnknownIdError(unknown)
         keys, new_state = store.delete(list(found))  # the commit
         if loaded is not None:
             if len(keys):
