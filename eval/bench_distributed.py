@@ -5,16 +5,16 @@
 
 For each world size (default 1 and 2) it launches `torchrun --nproc-per-node W` on this script's worker mode
 and reads the measurements back from files:
-- capture: `leafkd.capture.capture` of the same texts into a fresh store; teacher loaded and warmed up first,
+- capture: `leafkd.capture` of the same texts into a fresh store; teacher loaded and warmed up first,
   the timed span is the capture call between two barriers (texts/s over all ranks);
-- training: `leafkd.train.train` from the W=1 store; throughput is the run's own samples/s (global batch,
+- training: `leafkd.train` from the W=1 store; throughput is the run's own samples/s (global batch,
   all ranks) over its log intervals, the first interval (warm-up) left out. Weak scaling by default (the
   per-GPU batch is fixed, the global batch grows with W); --strong keeps the global batch fixed.
   Both sides run the same number of steps.
 - index: a Flat (exact) and an IVF index over the captured vectors, searched on one GPU and sharded over all
-  GPUs (leafkd.index.index_to_gpu, faiss index_cpu_to_all_gpus with shard=True); the result lists must be
-  identical (ids; scores to float rounding). Without faiss-gpu or with one GPU: a CPU IndexShards emulation
-  checks the merge logic and the note says so.
+  GPUs (leafkd.retrieval.faiss_utils.index_to_gpu, faiss index_cpu_to_all_gpus with shard=True); the result
+  lists must be identical (ids; scores to float rounding). Without faiss-gpu or with one GPU: a CPU IndexShards
+  emulation checks the merge logic and the note says so.
 Prints a table and writes bench.json / bench.md to --out. On CPU (gloo) tiny sizes make it a smoke test:
     python eval/bench_distributed.py --teacher M --student M --student-layers 1 --texts 600 --steps 8 \
         --batch-per-gpu 16 --log-every 2 --out /tmp/bench_dist_cpu
@@ -82,9 +82,8 @@ def worker_capture(a: argparse.Namespace) -> None:
 
 
 def worker_train(a: argparse.Namespace) -> None:
+    from leafkd import load_config, train
     from leafkd.runtime import distributed as d
-    from leafkd.training.config import load_config
-    from leafkd.training.trainer import train
 
     d.init_from_env(a.device)
     world = d.world_size()
@@ -94,7 +93,7 @@ def worker_train(a: argparse.Namespace) -> None:
                       eval_every=0, checkpoint_every=0, log_every=a.log_every, output=a.run_dir, progress=False,
                       plot=False, device=a.device, resume=False, compile=a.compile, ridge_samples=a.ridge_samples)
     t0 = time.perf_counter()
-    result = train(cfg, log=lambda *x: None)
+    result = train(cfg)
     wall = time.perf_counter() - t0
     if d.is_main():
         recs = [json.loads(l) for l in (Path(a.run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -205,13 +205,10 @@ def naive_train(student, texts: list[str], teacher: np.ndarray, train_idx: np.nd
 
 
 def bench_training(args, device: torch.device, peak: float, out: Path) -> list[dict]:
-    from leafkd.capture.teacher import capture
-    from leafkd.student.build import build_student
+    from leafkd import build_student, capture, load_config, train
     from leafkd.student.warm_start import warm_start
-    from leafkd.training.config import load_config
     from leafkd.training.data import prepare_data
     from leafkd.training.optim import set_dropout
-    from leafkd.training.trainer import train
 
     train_dir = Path(args.data_dir) / "train"
     sources = [str(train_dir / f) for f in ("questions.tsv", "wordnet_examples.txt", "wiki_paragraphs.jsonl",
@@ -244,7 +241,7 @@ def bench_training(args, device: torch.device, peak: float, out: Path) -> list[d
         cfg = load_config(None, output=str(work / folder), **{**common, **extra})
         t = time.perf_counter()
         try:
-            res = train(cfg, log=lambda *a: None)
+            res = train(cfg)
         except Exception as e:  # a variant that fails is reported, not fatal
             rows.append({"section": f"training (batch {args.batch}, {args.steps} steps)", "method": label,
                          "error": f"{type(e).__name__}: {e}"[:300]})
@@ -260,7 +257,7 @@ def bench_training(args, device: torch.device, peak: float, out: Path) -> list[d
         results[label] = (sps, tps, res["final"]["heldout_cos_mean"], wall, cfg.batch_size, graphs)
     # The naive loop, from the same initialisation (same data split, same ridge warm start).
     cfg = load_config(None, output=str(work / "naive"), **common)
-    data = prepare_data(cfg, Path(cfg.output), lambda *a: None)
+    data = prepare_data(cfg, Path(cfg.output))
     student = build_student(args.student, data.teacher.shape[1], projection="auto", normalize=True)
     set_dropout(student, cfg.dropout)
     student.to(device)

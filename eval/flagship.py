@@ -1,129 +1,61 @@
-"""The flagship recipe (issue 6) in one command: capture once, train the ablation runs, evaluate them all.
+"""The flagship recipes (issue 6) in one command: train the runs, then evaluate them all.
 
-    python eval/flagship.py --stage all                  # capture + 3 trainings + evaluation
-    python eval/flagship.py --stage train --runs leaf    # only the LEAF-loss run
+    python eval/flagship.py --stage all                  # train the generic recipe ("leaf") and evaluate it
+    python eval/flagship.py --stage train --runs leaf    # only its training
     python eval/flagship.py --stage eval
-    python eval/flagship.py --runs adapted               # + the retrieval corpora's documents (see below)
+    python eval/flagship.py --runs adapted               # + the retrieval corpora's documents (corpus adaptation)
     python eval/flagship.py --runs adapted-bank300       # the corpus-adapted recipe: corpora 3x, 384-token student,
                                                          # 4 query-sized spans per document, bank loss on the
                                                          # corpora's documents (weight 300)
     python eval/flagship.py --runs adapted-bank300 --set seed=1   # the same with another seed
     python eval/flagship.py --runs leaf-pkgdocs          # the generic recipe + Debian's scientific package docs
 
-Each run is `examples/flagship.toml` with its loss weights overridden; all share one teacher-vector store.
-Evaluation is `leafkd eval` (fast engine where mteb is absent) on SciFact, Cranfield, NPL, STS-B and SICK-R, for
-the teacher, the base student, the ridge map and every trained student (student and asymmetric modes),
-with alignment diagnostics. Results land in --out (default eval/results/flagship).
+Each run is a recipe file, examples/recipes/RUN.toml (or a path to any TOML file), that `train-embedder --config`
+runs unchanged; this script moves its folders (--data-dir, --runs-dir, --package-text-dir) and applies --set and
+the other overrides. Runs with the same data mix share one teacher-vector store. Training is `leafkd.train`;
+evaluation is `leafkd.run_evaluation` (fast engine where mteb is absent) on SciFact, Cranfield, NPL, STS-B and
+SICK-R for the teacher, the base student, the ridge map (with the first run) and every trained student (student
+and asymmetric modes), with alignment diagnostics. Results land in --out (default eval/results/flagship).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# "leaf" is the recipe as it stands in the config; the ablation runs fix 5 epochs at lr 3e-4 (as recorded in
-# eval/RESULTS.md) and change one thing each. Keys override any TrainConfig option.
-ABLATION = {"lr": 3e-4, "epochs": 5}
-ADAPTED_CROPS4 = {"leaf_l2": 1.0, "adapt": ["beir/scifact", "classic/cranfield", "classic/npl"], "adapt_weight": 3,
-                  "adapt_crops": 4, "max_seq_length": 384}
-RUNS = {
-    "leaf": {"leaf_l2": 1.0},
-    "ablation-leaf": {**ABLATION, "leaf_l2": 1.0},
-    "ablation-leaf+lelp": {**ABLATION, "leaf_l2": 1.0, "lelp": 1.0},
-    "ablation-leaf+lelp50": {**ABLATION, "leaf_l2": 1.0, "lelp": 50.0},
-    "ablation-leaf+relational": {**ABLATION, "leaf_l2": 1.0, "relational": 1.0},
-    "ablation-leaf-lr1e-3": {**ABLATION, "leaf_l2": 1.0, "lr": 1e-3},
-    # Corpus adaptation: the documents of the three retrieval sets (never their queries, never their relevance
-    # labels, nothing of STS-B or SICK-R) join the training text, whole and cut into sentence-sized pieces.
-    # An index's documents are embedded by the teacher anyway, so in deployment their vectors come free.
-    "adapted": {"leaf_l2": 1.0, "adapt": ["beir/scifact", "classic/cranfield", "classic/npl"]},
-    # Variants of the corpus adaptation: the corpora's texts visited 3x per epoch; the student reading up to 384
-    # tokens (the teacher's limit) instead of MiniLM's 256, so long documents are matched on what the teacher saw.
-    "adapted-w3": {"leaf_l2": 1.0, "adapt": ["beir/scifact", "classic/cranfield", "classic/npl"], "adapt_weight": 3},
-    "adapted-len384": {"leaf_l2": 1.0, "adapt": ["beir/scifact", "classic/cranfield", "classic/npl"],
-                       "max_seq_length": 384},
-    "adapted-w3-len384": {"leaf_l2": 1.0, "adapt": ["beir/scifact", "classic/cranfield", "classic/npl"],
-                          "adapt_weight": 3, "max_seq_length": 384},
-    "adapted-w5-len384": {"leaf_l2": 1.0, "adapt": ["beir/scifact", "classic/cranfield", "classic/npl"],
-                          "adapt_weight": 5, "max_seq_length": 384},
-    # + query-sized random spans of the documents (4-32 words, K per document, drawn once with a fixed seed):
-    # new short texts from the target domain instead of more visits to the same ones.
-    "adapted-w3-len384-crops4": ADAPTED_CROPS4,
-    # + the bank loss (leafkd.losses.BankRelationalLoss): each student vector should rank the corpora's documents
-    # (their teacher vectors, the index's own) as the teacher's vector of the same text does. Teacher vectors only.
-    # 300 is the corpus-adapted recipe (eval/RESULTS.md: 99.72% of the teacher over 5 seeds; 100: 99.47%, 4 seeds).
-    "adapted-bank100": {**ADAPTED_CROPS4, "bank": 100.0, "bank_corpus": True},
-    "adapted-bank300": {**ADAPTED_CROPS4, "bank": 300.0, "bank_corpus": True},
-    # + prose paragraphs of Debian's documentation of scientific Python packages (eval/package_text.py): passage-
-    # like text from the package indexes, the issue's suggestion for the generic recipe.
-    "leaf-pkgdocs": {"leaf_l2": 1.0, "package_text": True},
-    # the same with 18 more documentation packages (161,578 paragraphs instead of 85,799)
-    "leaf-pkgdocs-more": {"leaf_l2": 1.0, "package_text": "more"},
-    # the paragraphs and their sentences (leafkd.adapt.split_pieces): query-sized text of the same kind
-    "leaf-pkgdocs-pieces": {"leaf_l2": 1.0, "package_text": True, "package_pieces": True},
-    # + the bank loss against a seeded sample of 65,536 training texts (no target corpus is known)
-    "leaf-pkgdocs-bank": {"leaf_l2": 1.0, "package_text": True, "bank": 100.0},
-}
+import leafkd  # noqa: E402
+from leafkd.evaluation import DEFAULT_TASKS, markdown_table, write_report  # noqa: E402
+
+RECIPES = REPO / "examples" / "recipes"
+PACKAGE_TEXT = "runs/package-text"  # where the recipes name eval/package_text.py's paragraph files
+SHARED_DATA = "../shared/data"  # where the recipes name the data folder
+log_handler = logging.StreamHandler(sys.stdout)
 
 
-def corpus_pieces(data_dir: Path, folders: list[str], out: Path, crops: int = 0) -> tuple[list[str], list[str]]:
-    """Data sources for the documents of `folders`: each BEIR folder whole, plus a text file of its documents cut
-    into sentence pieces (leafkd.adapt.split_pieces); with `crops` > 0, also a file of that many random 4-32-word
-    spans per document (leafkd.adapt.random_spans; second list returned). `leafkd adapt-text` does the same for
-    any corpus; the order and seeds here are the ones of the recorded runs."""
-    from leafkd.atomic import write_text
-    from leafkd.data.adaptation import adaptation_text, random_spans
-    from leafkd.data.beir import read_beir
-    from leafkd.data.sources import join_title
-
-    sources, crop_sources = [], []
-    for folder in folders:
-        rs = read_beir(data_dir / folder)
-        pieces, _ = adaptation_text(data_dir / folder, spans=0)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"{folder.replace('/', '-')}-sentences.txt"
-        write_text(path, "\n".join(pieces) + "\n")
-        print(f"{folder}: {len(rs.corpus)} documents, {len(pieces)} sentence pieces -> {path}", flush=True)
-        sources += [str(data_dir / folder), str(path)]
-        if crops:
-            docs = [join_title(d["title"], d["text"]) for _, d in sorted(rs.corpus.items())]
-            spans = random_spans(docs, crops, seed=f"{folder}:crops")
-            crop_path = out / f"{folder.replace('/', '-')}-crops{crops}.txt"
-            write_text(crop_path, "\n".join(spans) + "\n")
-            print(f"{folder}: {len(spans)} random spans -> {crop_path}", flush=True)
-            crop_sources.append(str(crop_path))
-    return sources, crop_sources
+def recipe_path(run: str) -> Path:
+    """A run's recipe file: examples/recipes/RUN.toml ('+' read as '-', as in the old run names) or a TOML path."""
+    return Path(run) if run.endswith(".toml") else RECIPES / f"{run.replace('+', '-')}.toml"
 
 
-def package_text_file(folder: str, more: bool) -> Path:
-    """eval/package_text.py's paragraphs file in `folder`, built (download from Debian) when it is not there."""
-    path = Path(folder) / ("package-docs-more.txt" if more else "package-docs.txt")
-    if not path.is_file():
-        from package_text import build
-
-        print(f"{path} not found: building it from Debian's documentation packages", flush=True)
-        build(Path(folder), "http://deb.debian.org/debian", more)
-    return path.resolve()
-
-
-def run_name(name: str, args) -> str:
-    """Folder name of a run: the run's name, plus each --set override (`adapted-w3-len384-seed1`)."""
+def run_name(run: str, args) -> str:
+    """Folder name of a run: the recipe's name, plus each --set override (`adapted-bank300-seed1`)."""
     suffix = "".join(f"-{k}{v}" for k, v in args.set.items())
-    return f"{name}{suffix}".replace("+", "-")
+    return f"{recipe_path(run).stem}{suffix}".replace("+", "-")
 
 
 def parse_set(item: str) -> dict:
     """KEY=VALUE with a TOML value (`seed=1`, `lr=2e-3`, `loss="x"`); a bare word is a string."""
-    import tomllib
-
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"--set {item!r}: expected KEY=VALUE")
@@ -134,65 +66,51 @@ def parse_set(item: str) -> dict:
     return {key.strip(): parsed}
 
 
-def run_config(name: str, args) -> dict:
-    import tomllib
+def moved(path: str, args) -> str:
+    """A recipe's path with the data and package-text folders moved to this call's."""
+    if path.startswith(SHARED_DATA):
+        return str(Path(args.data_dir).resolve()) + path[len(SHARED_DATA):]
+    if path.startswith(PACKAGE_TEXT):
+        return str(Path(args.package_text_dir).resolve()) + path[len(PACKAGE_TEXT):]
+    return path
 
-    base = tomllib.loads((REPO / args.config).read_text())["train"]
-    data_dir = str(Path(args.data_dir).resolve())
-    base["data"] = [d.replace("../shared/data", data_dir) for d in base["data"]]
-    run = {**RUNS[name], **args.set}
-    adapt = run.pop("adapt", None)
-    adapt_weight = run.pop("adapt_weight", 1)
-    crops = run.pop("adapt_crops", 0)
-    package_text = run.pop("package_text", False)
-    package_pieces = run.pop("package_pieces", False)
-    bank_corpus = run.pop("bank_corpus", False)
-    if package_text:
-        text_file = package_text_file(args.package_text_dir, more=package_text == "more")
-        base["data"] = base["data"] + [str(text_file)]
-        if package_pieces:
-            from leafkd.atomic import write_text
-            from leafkd.data.adaptation import adaptation_text
 
-            pieces, _ = adaptation_text(text_file, spans=0)
-            pieces_file = Path(args.runs_dir) / "package-pieces" / f"{text_file.stem}-sentences.txt"
-            write_text(pieces_file, "\n".join(pieces) + "\n")
-            print(f"{text_file.name}: {len(pieces)} sentence pieces -> {pieces_file}", flush=True)
-            base["data"].append(str(pieces_file))
-    if adapt:
-        sources, crop_sources = corpus_pieces(Path(data_dir), adapt, Path(args.runs_dir) / "corpus-pieces", crops)
-        base["data"] = base["data"] + [f"{s}*{adapt_weight}" if adapt_weight != 1 else s for s in sources]
-        base["data"] += crop_sources  # visited once per epoch: they add variety, not repetition
-        if bank_corpus:  # the bank: the corpora's whole documents, as the index holds them
-            base["bank_data"] = [str(Path(data_dir) / folder) for folder in adapt]
-    base.update(run)
-    base["output"] = str(Path(args.runs_dir) / f"flagship-{run_name(name, args)}")
-    # One store per data mix (the store holds the teacher vectors of exactly the texts it was built from).
-    mix = ("adapted" + (f"-crops{crops}" if crops else "")) if adapt else ""
-    pkg = (("pkgdocs-more" if package_text == "more" else "pkgdocs") + ("-pieces" if package_pieces else "")
-           if package_text else "")
-    mix = "-".join(m for m in (mix, pkg) if m)
-    base["vectors"] = str(Path(args.runs_dir) / ("flagship-vectors" + (f"-{mix}" if mix else "")))
-    if args.epochs is not None:
-        base["epochs"] = args.epochs
-    if args.teacher:
-        base["teacher"] = args.teacher
-    if args.student:
-        base["student"] = args.student
-    base["progress"] = False
-    return base
+def run_overrides(run: str, args) -> dict[str, Any]:
+    """What this call changes in a recipe: its folders, --epochs/--teacher/--student and every --set."""
+    raw = tomllib.loads(recipe_path(run).read_text())
+    recipe = raw.get("train", raw)
+    overrides: dict[str, Any] = {key: [moved(p, args) for p in recipe[key]]
+                                 for key in ("data", "adapt", "bank_data") if key in recipe}
+    # One store per data mix (a store holds the teacher vectors of the texts it was built from).
+    store = Path(recipe.get("vectors", "runs/flagship-vectors")).name
+    overrides.update(output=str(Path(args.runs_dir) / f"flagship-{run_name(run, args)}"),
+                     vectors=str(Path(args.runs_dir) / store), epochs=args.epochs, teacher=args.teacher,
+                     student=args.student, progress=False)
+    overrides.update(args.set)
+    return overrides
+
+
+def ensure_package_text(paths: list[str]) -> None:
+    """eval/package_text.py's paragraph files among `paths`, built (downloaded from Debian) when missing."""
+    for path in map(Path, paths):
+        if path.name in ("package-docs.txt", "package-docs-more.txt") and not path.is_file():
+            from package_text import build
+
+            print(f"{path} not found: building it from Debian's documentation packages", flush=True)
+            build(path.parent, "http://deb.debian.org/debian", more=path.name == "package-docs-more.txt")
 
 
 def stage_train(args) -> dict:
-    from leafkd.training.config import load_config
-    from leafkd.training.trainer import train
-
     timings = {}
-    for name in args.runs:
-        cfg = load_config(None, **run_config(name, args))
+    for run in args.runs:
+        name = run_name(run, args)
+        overrides = run_overrides(run, args)
+        ensure_package_text(overrides.get("data", []) + overrides.get("adapt", []))
+        cfg = leafkd.load_config(recipe_path(run), **overrides)
+        log_handler.setFormatter(logging.Formatter(f"[{name}] %(message)s"))
         t = time.perf_counter()
-        result = train(cfg, log=lambda m: print(f"[{name}] {m}", flush=True))
-        timings[run_name(name, args)] = {"seconds": time.perf_counter() - t, **result}
+        result = leafkd.train(cfg)
+        timings[name] = {"seconds": time.perf_counter() - t, **result}
         print(f"[{name}] done in {time.perf_counter() - t:.0f} s: {json.dumps(result['final'])}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,43 +122,47 @@ def stage_train(args) -> dict:
 
 def stage_eval(args) -> None:
     out = Path(args.out)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    for i, name in enumerate(args.runs):
-        model = Path(args.runs_dir) / f"flagship-{run_name(name, args)}" / "model"
-        cmd = [sys.executable, "-m", "leafkd", "eval", "--student", str(model), "--data-dir", args.data_dir,
-               "--out", str(out / f"eval-{run_name(name, args)}"), "--engine", args.engine]
-        if args.teacher:
-            cmd += ["--teacher", args.teacher]
+    for i, run in enumerate(args.runs):
+        name = run_name(run, args)
+        model = Path(args.runs_dir) / f"flagship-{name}" / "model"
         # The first run's table carries the teacher, base and ridge rows; the others add their own student rows.
-        cmd += ["--modes", "teacher,student,asymmetric,base,ridge", "--ridge", "--alignment"] if i == 0 else \
-               ["--modes", "student,asymmetric", "--alignment"]
-        print(" ".join(cmd), flush=True)
+        modes = ["teacher", "student", "asymmetric", "base", "ridge"] if i == 0 else ["student", "asymmetric"]
+        log_handler.setFormatter(logging.Formatter(f"[eval {name}] %(message)s"))
         t = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env)
-        print(f"eval {name}: {time.perf_counter() - t:.0f} s", flush=True)
+        results = leafkd.run_evaluation(teacher=args.teacher, student=model, modes=modes, tasks=args.tasks,
+                                        data_dir=args.data_dir, engine=args.engine, ridge=i == 0,
+                                        with_alignment=True)
+        paths = write_report(results, out / f"eval-{name}")
+        print(markdown_table(results), end="", flush=True)
+        print(f"eval {name}: {time.perf_counter() - t:.0f} s, wrote {', '.join(map(str, paths.values()))}", flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stage", choices=["train", "eval", "all"], default="all")
-    p.add_argument("--runs", type=lambda s: s.split(","), default=["leaf"], help=f"comma-separated, from {', '.join(RUNS)}")
-    p.add_argument("--config", default="examples/flagship.toml")
+    known = sorted(f.stem for f in RECIPES.glob("*.toml"))
+    p.add_argument("--runs", type=lambda s: s.split(","), default=["leaf"],
+                   help=f"comma-separated recipes of examples/recipes ({', '.join(known)}) or TOML files")
     p.add_argument("--data-dir", default=os.environ.get("LEAFKD_DATA", str(REPO.parent / "shared" / "data")))
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--out", default="eval/results/flagship")
-    p.add_argument("--epochs", type=float, default=None, help="override the config's epochs")
+    p.add_argument("--epochs", type=float, default=None, help="override the recipes' epochs")
     p.add_argument("--teacher", default=None, help="override the teacher folder")
     p.add_argument("--student", default=None, help="override the student base folder")
     p.add_argument("--engine", default="fast")
-    p.add_argument("--package-text-dir", default="runs/package-text",
+    p.add_argument("--tasks", type=lambda s: s.split(","), default=list(DEFAULT_TASKS),
+                   help=f"comma-separated evaluation tasks (default: {','.join(DEFAULT_TASKS)})")
+    p.add_argument("--package-text-dir", default=PACKAGE_TEXT,
                    help="folder of eval/package_text.py's paragraph files (built there when missing)")
     p.add_argument("--set", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
                    help="override a training option in every run (repeatable; e.g. seed=1); named in the run folders")
     args = p.parse_args()
     args.set = {k: v for item in args.set for k, v in item.items()}
-    unknown = [r for r in args.runs if r not in RUNS]
+    unknown = [r for r in args.runs if not recipe_path(r).is_file()]
     if unknown:
-        sys.exit(f"error: unknown run(s) {', '.join(unknown)} (known: {', '.join(RUNS)})")
+        sys.exit(f"error: unknown run(s) {', '.join(unknown)} (known: {', '.join(known)}, or a TOML file)")
+    logging.getLogger("leafkd").addHandler(log_handler)
+    logging.getLogger("leafkd").setLevel(logging.INFO)
     if args.stage in ("train", "all"):
         stage_train(args)
     if args.stage in ("eval", "all"):
@@ -248,9 +170,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from leafkd.errors import LeafkdError
-
     try:
         main()
-    except LeafkdError as e:  # a user error (a missing data folder, a bad config): one line, no traceback
+    except leafkd.LeafkdError as e:  # a user error (a missing data folder, a bad config): one line, no traceback
         sys.exit(f"error: {e}")

@@ -12,8 +12,9 @@
 Runs (`--variants`, comma-separated): `uniform` (no selection), `reweight` and `subset` (selection) at `--steps`;
 `uniform-half`, `reweight-half`, `subset-half` at half the steps, i.e. half the training samples. Every run is
 `examples/flagship.toml` (data paths moved to --data-dir) with the overrides below, seed 0, and the same
-held-out texts. Held-out cosine comes from each run's `model/leafkd.json`; with --eval, `leafkd eval --engine
-fast --modes student,asymmetric` adds nDCG@10 (SciFact, Cranfield, NPL) and STS Spearman (STS-B, SICK-R).
+held-out texts, trained by `leafkd.train`. Held-out cosine comes from each run's `model/leafkd.json`; with
+--eval, `leafkd.run_evaluation` (fast engine, student and asymmetric modes) adds nDCG@10 (SciFact, Cranfield,
+NPL) and STS Spearman (STS-B, SICK-R).
 "Steps to match" is the first periodic held-out evaluation of a selection run at or above uniform's final
 cosine (a lower bound on the budget: that run's learning rate had not decayed yet). Writes OUT/results.md and
 OUT/results.json.
@@ -23,14 +24,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import leafkd  # noqa: E402
+from leafkd.evaluation import write_report  # noqa: E402
+
+log_handler = logging.StreamHandler(sys.stdout)
 
 VARIANTS = {
     "uniform": ({"select": "none"}, 1.0),
@@ -71,15 +77,12 @@ def base_config(args) -> dict:
 
 
 def eval_scores(model: Path, out: Path, args) -> dict:
-    cmd = [sys.executable, "-m", "leafkd", "eval", "--student", str(model), "--engine", "fast", "--modes",
-           "student,asymmetric", "--data-dir", args.data_dir, "--out", str(out), "--teacher", args.teacher]
-    if args.device != "auto":
-        cmd += ["--device", args.device]
-    if args.eval_tasks:
-        cmd += ["--tasks", args.eval_tasks]
-    print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    rows = json.loads((out / "results.json").read_text())["rows"]
+    tasks = {"tasks": args.eval_tasks.split(",")} if args.eval_tasks else {}
+    results = leafkd.run_evaluation(teacher=args.teacher, student=model, modes=["student", "asymmetric"],
+                                    data_dir=args.data_dir, engine="fast",
+                                    device=args.device if args.device != "auto" else None, **tasks)
+    write_report(results, out)
+    rows = results["rows"]
     res = {}
     for row in rows:
         s = row["scores"]
@@ -129,9 +132,8 @@ def main() -> None:
     if not args.vectors:
         args.vectors = str(Path(args.runs_dir) / "teacher-vectors")
 
-    from leafkd.training.config import load_config
-    from leafkd.training.trainer import train
-
+    logging.getLogger("leafkd").addHandler(log_handler)
+    logging.getLogger("leafkd").setLevel(logging.INFO)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = base_config(args)
@@ -139,10 +141,11 @@ def main() -> None:
     for name in args.variants:
         extra, share = VARIANTS[name]
         steps = max(1, int(round(args.steps * share)))
-        cfg = load_config(None, **{**base, **extra, "max_steps": steps, "eval_every": max(1, args.steps // args.evals),
-                                   "output": str(Path(args.runs_dir) / name)})
+        run = {"max_steps": steps, "eval_every": max(1, args.steps // args.evals), "output": str(Path(args.runs_dir) / name)}
+        cfg = leafkd.load_config(None, **{**base, **extra, **run})
+        log_handler.setFormatter(logging.Formatter(f"[{name}] %(message)s"))
         t = time.perf_counter()
-        res = train(cfg, log=lambda m, name=name: print(f"[{name}] {m}", flush=True))
+        res = leafkd.train(cfg)
         seconds = time.perf_counter() - t
         run_dir = Path(cfg.output)
         info = json.loads((run_dir / "model" / "leafkd.json").read_text())

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 DEFAULT_MODELS_DIR = Path(os.environ.get("LEAFKD_MODELS", "models"))
 
 
-class Packaging(str, Enum):
+class Packaging(StrEnum):
     """How a packaged model's files sit in its wheels."""
 
     FOLDER = "package-folder"  # one wheel holding the model folder

@@ -11,6 +11,7 @@ Both sides run with OMP_NUM_THREADS=1 so the CPU math is the same.
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -165,7 +166,7 @@ def train_runs(tmp_path_factory, texts_file, stores, minilm_path):
     runs = {nproc: root / f"w{nproc}" for nproc in (1, 2)}
     _leafkd(["train", *_cli(_train_args(texts_file, store, runs[2], student=str(minilm_path)))], nproc=2)
     with _one_thread():
-        train(load_config(None, **_train_args(texts_file, store, runs[1], student=str(minilm_path))), log=lambda *a: None)
+        train(load_config(None, **_train_args(texts_file, store, runs[1], student=str(minilm_path))))
     return runs
 
 
@@ -187,13 +188,15 @@ def test_two_rank_step_equals_single_step(train_runs):
     assert records[4]["cos_mean"] == pytest.approx(single[4]["cos_mean"], abs=1e-5)
 
 
-def test_two_rank_checkpoint_resumes_in_one_process(train_runs, texts_file, stores, minilm_path):
+def test_two_rank_checkpoint_resumes_in_one_process(train_runs, texts_file, stores, minilm_path, caplog, monkeypatch):
     # Both runs continue in this process to step 2 (max_steps may change on resume; the folder may not move).
+    monkeypatch.setattr(logging.getLogger("leafkd"), "propagate", True)  # an in-process CLI call turns it off
+    caplog.set_level("INFO", logger="leafkd")
     for out in train_runs.values():
-        logs = []
+        caplog.clear()
         with _one_thread():
             result = train(load_config(None, **_train_args(texts_file, stores[0].path, out, student=str(minilm_path),
-                                                           max_steps=2)), log=logs.append)
-        assert any("resuming from step-00000001" in str(m) for m in logs) and result["steps"] == 2
+                                                           max_steps=2)))
+        assert "resuming from step-00000001" in caplog.text and result["steps"] == 2
     a, b = _last_state(train_runs[1])["model"], _last_state(train_runs[2])["model"]
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) <= 1e-5

@@ -7,6 +7,7 @@ only with LEAFKD_SLOW_TESTS=1; its measured numbers are recorded in eval/results
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from pathlib import Path
@@ -23,7 +24,8 @@ SLOW = os.environ.get("LEAFKD_SLOW_TESTS") == "1"
 # ----------------------------------------------------------------------------------------------- fixtures
 
 
-def _write_beir(folder: Path, docs: dict[str, dict], queries: dict[str, str], qrels: list[tuple[str, str, int]]) -> Path:
+def _write_beir(folder: Path, docs: dict[str, dict], queries: dict[str, str],
+                qrels: list[tuple[str, str, int]]) -> Path:
     (folder / "qrels").mkdir(parents=True, exist_ok=True)
     with open(folder / "corpus.jsonl", "w") as f:
         for did, d in docs.items():
@@ -144,28 +146,64 @@ def test_truncate_renormalises():
     np.testing.assert_allclose(t, x[:, :4] / np.linalg.norm(x[:, :4], axis=1, keepdims=True), rtol=1e-5)
 
 
-def test_int8_round_trip_and_calibration():
+def test_int8_codes_of_sentence_transformers_decode_to_bucket_centres():
+    from sentence_transformers import quantize_embeddings
+
     rng = np.random.default_rng(1)
     docs = rng.normal(size=(200, 8)).astype(np.float32)
-    cal = ev.int8_calibration(docs)
-    q = ev.quantize_int8(docs, cal)
-    assert q.dtype == np.int8 and q.min() == -128 and q.max() == 127
-    back = ev.dequantize_int8(q, cal)
-    assert np.abs(back - docs).max() <= cal[1].max() / 2 + 1e-6
-    outside = ev.quantize_int8(docs * 10, cal)  # values beyond the calibration range clip
+    ranges = ev.int8_ranges(docs)
+    codes = quantize_embeddings(docs, "int8", ranges=ranges)
+    assert codes.dtype == np.int8 and codes.min() == -128 and codes.max() == 127
+    # ranges are what calibration_embeddings would give: per-dimension min and max
+    np.testing.assert_array_equal(quantize_embeddings(docs, "int8", calibration_embeddings=docs), codes)
+    step = (ranges[1] - ranges[0]) / 255
+    back = ev.dequantize_int8(codes, ranges)
+    assert back.dtype == np.float32
+    assert np.all(np.abs(back - docs) <= step / 2 + 1e-6)  # bucket centres: at most half a step away
+    # sentence-transformers truncates: 0.9 of a step above the minimum stays in the lowest level
+    near_low = (ranges[0] + 0.9 * step)[None, :]
+    np.testing.assert_array_equal(quantize_embeddings(near_low, "int8", ranges=ranges), -128)
+    outside = quantize_embeddings(docs * 10, "int8", ranges=ranges)  # values beyond the calibration range clip
     assert outside.min() == -128 and outside.max() == 127
+    flat = np.vstack([np.zeros(3, np.float32), np.zeros(3, np.float32)])  # a constant dimension decodes to itself
+    np.testing.assert_array_equal(ev.dequantize_int8(quantize_embeddings(np.zeros((2, 3), np.float32), "int8",
+                                                                         ranges=flat), flat), 0.0)
 
 
 def test_binary_quantisation_and_hamming():
+    from sentence_transformers import quantize_embeddings
+
     rng = np.random.default_rng(2)
     a, b = rng.normal(size=(4, 13)), rng.normal(size=(6, 13))
-    pa, pb = ev.quantize_binary(a), ev.quantize_binary(b)
+    pa, pb = quantize_embeddings(a, "ubinary"), quantize_embeddings(b, "ubinary")
     assert pa.dtype == np.uint8 and pa.shape == (4, 2)
     sa, sb = np.where(a > 0, 1, -1), np.where(b > 0, 1, -1)
     np.testing.assert_array_equal(ev.hamming_similarity(pa, pb, 13), sa @ sb.T)
-    for kind in ("float32", "int8", "binary", "binary_float_query"):
-        q, d, fn = ev.quantized_scores(a, b, kind)
-        assert np.asarray(fn(q, d)).shape == (4, 6)
+    q, d, fn = ev.quantized_scores(a, b, "binary")
+    np.testing.assert_array_equal(fn(q, d), sa @ sb.T)
+    q, d, fn = ev.quantized_scores(a, b, ev.Quantization.BINARY_FLOAT_QUERY)
+    np.testing.assert_allclose(fn(q, d), (a / np.linalg.norm(a, axis=1, keepdims=True)) @ sb.T, rtol=1e-5)
+
+
+def _top10_overlap(a: np.ndarray, b: np.ndarray) -> float:
+    ta, tb = np.argsort(-a, axis=1)[:, :10], np.argsort(-b, axis=1)[:, :10]
+    return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(ta, tb)]))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_quantised_search_agrees_with_float_search(seed):
+    rng = np.random.default_rng(seed)
+    Q, D = rng.normal(size=(50, 64)).astype(np.float32), rng.normal(size=(400, 64)).astype(np.float32)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    exact = unit(Q) @ unit(D).T
+    scores = {k: np.asarray(fn(q, d)) for k in ev.Quantization for q, d, fn in [ev.quantized_scores(Q, D, k)]}
+    assert all(s.shape == (50, 400) for s in scores.values())
+    np.testing.assert_allclose(scores["float32"], exact, atol=1e-5)
+    assert np.abs(scores["int8"] - exact).mean() < 0.003  # queries beyond the documents' ranges clip
+    q, d, fn = ev.quantized_scores(D[:50], D, "int8")  # inside the calibration range: within half a step per dim
+    assert np.abs(fn(q, d) - unit(D[:50]) @ unit(D).T).max() < 0.01
+    assert _top10_overlap(scores["int8"], exact) >= 0.95
+    assert 0.2 < _top10_overlap(scores["binary"], exact) < _top10_overlap(scores["binary_float_query"], exact)
 
 
 class _TableEmbedder(ev.Embedder):
@@ -191,6 +229,25 @@ def test_fit_ridge_map_recovers_a_linear_map():
     assert m.fit_r2 == pytest.approx(1.0, abs=1e-6)
 
 
+def test_fit_ridge_map_is_trainings_ridge_fit():
+    """One rule: the eval baseline is `leafkd.vectors.ridge_fit` (relative alpha, default 1e-2) like the warm start."""
+    from leafkd.vectors import ridge_fit
+
+    rng = np.random.default_rng(4)
+    texts = [f"t{i}" for i in range(200)]
+    X, Y = rng.normal(size=(200, 12)) * 3.0, rng.normal(size=(200, 5))
+    m = ev.fit_ridge_map(_TableEmbedder(dict(zip(texts, X))), Y, texts)
+    W, b = ridge_fit(X, Y)
+    assert m.alpha == 1e-2 and m.n_texts == 200
+    np.testing.assert_array_equal(m.W, W.T)
+    np.testing.assert_array_equal(m.b, b)
+    # relative: scaling the inputs leaves the fitted predictions unchanged
+    scaled = ev.fit_ridge_map(_TableEmbedder(dict(zip(texts, 10 * X))), Y, texts)
+    np.testing.assert_allclose(scaled.apply(10 * X), m.apply(X), atol=1e-4)
+    resid = Y - m.apply(X)
+    assert m.fit_r2 == pytest.approx(1 - (resid ** 2).sum() / ((Y - Y.mean(0)) ** 2).sum(), abs=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------- real models
 
 
@@ -199,23 +256,30 @@ def test_stsb_published_score_minilm_both_engines(data_dir, minilm_embedder):
     datas = ev.load_tasks(ev.resolve_tasks(["stsb"], data_dir))
     fast = ev.evaluate({"teacher": minilm_embedder}, datas, "fast")[0]["scores"]["STSBenchmark"]
     ref = ev.evaluate({"teacher": minilm_embedder}, datas, "mteb")[0]["scores"]["STSBenchmark"]
+    print(f"STSBenchmark Spearman x100: fast {100 * fast:.4f}, mteb {100 * ref:.4f}")
     assert abs(100 * fast - ev.PUBLISHED["all-MiniLM-L6-v2"]["STSBenchmark"]) < 0.5
     assert abs(100 * ref - ev.PUBLISHED["all-MiniLM-L6-v2"]["STSBenchmark"]) < 0.5
     assert abs(fast - ref) < 1e-3
 
 
-def test_engines_agree_on_retrieval(small_beir, minilm_embedder):
+def test_engines_agree_on_retrieval(small_beir, minilm_embedder, caplog, monkeypatch):
     """Same vectors through mteb and the built-in engine: nDCG@10 within 0.1 points (in fact equal)."""
+    monkeypatch.setattr(logging.getLogger("leafkd"), "propagate", True)  # the CLI's setup_logging turns it off
     datas = ev.load_tasks(ev.resolve_tasks([str(small_beir)]))
     emb = {"teacher": minilm_embedder, "asymmetric": ev.AsymmetricEmbedder(minilm_embedder, minilm_embedder)}
-    fast = ev.evaluate(emb, datas, "fast")
+    with caplog.at_level("INFO", logger="leafkd.evaluation"):
+        fast = ev.evaluate(emb, datas, ev.Engine.FAST)
+    progress = [r.getMessage() for r in caplog.records if r.name == "leafkd.evaluation.engines"]
+    assert [line.split()[:3] for line in progress] == [[mode, "cranfield-small", "ndcg_at_10"] for mode in emb]
+    assert {r["engine"] for r in fast} == {"fast"} and type(fast[0]["engine"]) is str
     misses = minilm_embedder.cache.misses
     ref = ev.evaluate(emb, datas, "mteb")
     assert minilm_embedder.cache.misses == misses  # mteb reused every vector the fast engine computed
     for f, r in zip(fast, ref):
         assert f["scores"]["cranfield-small"] > 0.2
         assert abs(f["scores"]["cranfield-small"] - r["scores"]["cranfield-small"]) < 1e-3
-        assert abs(f["metrics"]["cranfield-small"]["recall_at_100"] - r["metrics"]["cranfield-small"]["recall_at_100"]) < 1e-3
+        recall = [x["metrics"]["cranfield-small"]["recall_at_100"] for x in (f, r)]
+        assert abs(recall[0] - recall[1]) < 1e-3
     builtin = ev.fast_evaluate_task(minilm_embedder, datas[0], backend="builtin")
     assert builtin["ndcg_at_10"] == pytest.approx(fast[0]["scores"]["cranfield-small"], abs=1e-6)
 
@@ -241,6 +305,7 @@ def test_scifact_published_score_minilm_both_engines(data_dir, minilm_embedder):
     datas = ev.load_tasks(ev.resolve_tasks(["scifact"], data_dir))
     fast = ev.evaluate({"teacher": minilm_embedder}, datas, "fast")[0]["scores"]["SciFact"]
     ref = ev.evaluate({"teacher": minilm_embedder}, datas, "mteb")[0]["scores"]["SciFact"]
+    print(f"SciFact nDCG@10 x100: fast {100 * fast:.4f}, mteb {100 * ref:.4f}")
     assert abs(100 * ref - ev.PUBLISHED["all-MiniLM-L6-v2"]["SciFact"]) < 0.5
     assert abs(100 * fast - ev.PUBLISHED["all-MiniLM-L6-v2"]["SciFact"]) < 0.5
     assert abs(fast - ref) < 1e-3
@@ -335,8 +400,13 @@ def test_cli_end_to_end_all_modes(tmp_path, capsys, fake_student, tiny_beir, tin
     assert code == 0, err
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| mode")]
     assert [r.split("|")[1].strip() for r in rows] == ["teacher", "student", "asymmetric", "base", "ridge"]
+    assert "ridge map fitted on 200 training texts" in err and "alignment  cranfield-tiny" in err  # logged
+    assert "teacher    stsb-tiny      cosine_spearman" in err
     res = json.loads((out_dir / "results.json").read_text())
-    assert res["engine"] == "fast" and res["ridge"]["texts"] == 200
+    assert res["engine"] == "fast" and res["ridge"]["texts"] == 200 and res["ridge"]["alpha"] == 0.01
+    assert res["modes"] == ["teacher", "student", "asymmetric", "base", "ridge"]
+    assert set(res["alignment"]["cranfield-tiny"]["quantization"]["asymmetric"]) == {
+        "float32", "int8", "binary", "binary_float_query"}
     by_mode = {r["mode"]: r for r in res["rows"]}
     for r in res["rows"]:
         assert r["teacher"] and r["student"] == str(fake_student) and r["data"] == str(data_dir)

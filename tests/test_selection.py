@@ -140,7 +140,7 @@ def _cfg(texts, minilm_path, out, vectors, **extra):
 
 def test_train_with_selection_writes_files_and_resumes_identically(tmp_path, sel_texts, sel_vectors, minilm_path):
     out = tmp_path / "a"
-    result = train(_cfg(sel_texts, minilm_path, out, sel_vectors), log=lambda *a: None)
+    result = train(_cfg(sel_texts, minilm_path, out, sel_vectors))
     info = json.loads((out / "selection.json").read_text())
     arrays = dict(np.load(out / "selection.npz"))
     assert info["dropped"]["empty"] == 1 and info["dropped"]["duplicate"] >= 1
@@ -157,7 +157,7 @@ def test_train_with_selection_writes_files_and_resumes_identically(tmp_path, sel
     for ckpt in (out / "checkpoints").iterdir():
         if int(ckpt.name.split("-")[1]) > 6:
             shutil.rmtree(ckpt)
-    train(_cfg(sel_texts, minilm_path, out, sel_vectors), log=lambda *a: None)
+    train(_cfg(sel_texts, minilm_path, out, sel_vectors))
     b = last()
     assert a["step"] == b["step"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert np.array_equal(np.load(out / "selection.npz")["chosen"], arrays["chosen"])
@@ -166,7 +166,7 @@ def test_train_with_selection_writes_files_and_resumes_identically(tmp_path, sel
 def test_train_with_reweight(tmp_path, sel_texts, sel_vectors, minilm_path):
     out = tmp_path / "rw"
     train(_cfg(sel_texts, minilm_path, out, sel_vectors, select="reweight", select_refresh_every=0, max_steps=2,
-               checkpoint_every=0), log=lambda *a: None)
+               checkpoint_every=0))
     w = np.load(out / "selection.npz")["weights"]
     pool = np.load(out / "selection.npz")["pool"]
     assert w[pool].sum() == pytest.approx(len(pool)) and w[pool].max() > 1.2

@@ -224,19 +224,35 @@ def test_openapi_fuzz(server):
     assert not failures, "\n".join(failures[:5])
 
 
+def wait_until_healthy(proc: subprocess.Popen, port: int, seconds: float = 180) -> str:
+    """The URL of a `leafkd serve` process once its /health answers 200 (it must not exit before)."""
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + seconds
+    while True:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else proc.returncode
+        assert time.time() < deadline, "server did not come up"
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+
+
 def test_cli_serve_and_graceful_shutdown(tmp_path):
     from leafkd.cli import main
 
     # bad setups are one-line errors before anything listens
-    assert main(["serve", "--index", str(S.cranfield_index()), "--student", str(S.foreign_student_dir())]) == 2
-    assert main(["serve", "--index", str(tmp_path / "missing"), "--student", str(S.student_dir())]) == 2
+    free = ["--port", "0"]
+    assert main(["serve", "--index", str(S.cranfield_index()), "--student", str(S.foreign_student_dir()), *free]) == 2
+    assert main(["serve", "--index", str(tmp_path / "missing"), "--student", str(S.student_dir()), *free]) == 2
     broken = tmp_path / "broken"
     import shutil
 
     shutil.copytree(S.cranfield_index(), broken)
     next(broken.glob("keys.*.npy")).unlink()  # issue 20 layout: base index + keys + docs.sqlite
-    assert main(["serve", "--index", str(broken), "--student", str(S.student_dir())]) == 2
-    assert main(["serve", "--index", str(S.cranfield_index()), "--student", str(S.student_dir()),
+    assert main(["serve", "--index", str(broken), "--student", str(S.student_dir()), *free]) == 2
+    assert main(["serve", "--index", str(S.cranfield_index()), "--student", str(S.student_dir()), *free,
                  "--api-key-env", "LEAFKD_TEST_UNSET_VAR"]) == 2
 
     with socket.socket() as s:
@@ -249,17 +265,7 @@ def test_cli_serve_and_graceful_shutdown(tmp_path):
                              "--api-key-env", "LEAFKD_TEST_KEY"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.time() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        url = wait_until_healthy(proc, port)
         r = httpx.post(url + "/search", json={"query": "laminar boundary layer", "top_k": 2},
                        headers={"X-API-Key": "k1"}, timeout=30)
         assert r.status_code == 200 and len(r.json()["results"][0]["hits"]) == 2

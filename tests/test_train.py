@@ -1,6 +1,7 @@
 """Training: the student loads as a plain SentenceTransformer, beats the ridge start, resumes identically."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -86,7 +87,7 @@ def test_train_beats_ridge_and_writes_outputs(tmp_path, texts_file, minilm_path)
     from sentence_transformers import SentenceTransformer
 
     out = tmp_path / "run"
-    result = train(load_config(None, **_args(texts_file, minilm_path, out, epochs=4.0, plot=True)), log=lambda *a: None)
+    result = train(load_config(None, **_args(texts_file, minilm_path, out, epochs=4.0, plot=True)))
     final, ridge = result["final"], result["ridge_baseline"]
     assert final["heldout_cos_mean"] > ridge["heldout_cos_mean"] + 0.01
     model_dir = out / "model"
@@ -106,7 +107,7 @@ def test_train_beats_ridge_and_writes_outputs(tmp_path, texts_file, minilm_path)
 
 def test_resume_after_kill_is_identical(tmp_path, texts_file, minilm_path):
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
-    train(load_config(None, **_args(texts_file, minilm_path, ref_out)), log=lambda *a: None)
+    train(load_config(None, **_args(texts_file, minilm_path, ref_out)))
     cmd = [sys.executable, "-m", "leafkd", "train", *_cli(_args(texts_file, minilm_path, out, checkpoint_every=3))]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 180
@@ -126,15 +127,17 @@ def test_resume_after_kill_is_identical(tmp_path, texts_file, minilm_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_bank_loss_trains_against_the_named_documents(tmp_path, texts_file, minilm_path, data_dir):
+def test_bank_loss_trains_against_the_named_documents(tmp_path, texts_file, minilm_path, data_dir, caplog, monkeypatch):
     # The bank: teacher vectors of a document set that is also training data (here 150 SciFact abstracts).
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(l + "\n" for l in (data_dir / "beir" / "scifact" / "corpus.jsonl").read_text().splitlines()[:150]))
     out = tmp_path / "bank"
     args = _args(texts_file, minilm_path, out, data=[str(texts_file), f"{docs}#text"], bank=50.0,
                  bank_data=[f"{docs}#text"], log_every=2)
-    logs = []
-    result = train(load_config(None, **args), log=logs.append)
+    monkeypatch.setattr(logging.getLogger("leafkd"), "propagate", True)  # an in-process CLI call turns it off
+    caplog.set_level("INFO", logger="leafkd")
+    result = train(load_config(None, **args))
+    logs = caplog.messages
     assert any("bank loss: 1" in m and "--bank-data" in m for m in logs), logs
     n_bank = int(next(m for m in logs if m.startswith("bank loss")).split()[2])
     assert 100 <= n_bank < 150  # the documents minus those drawn into the held-out set (60 of the 450 texts)
@@ -177,10 +180,53 @@ def test_bad_options_are_one_line_errors(tmp_path, texts_file, minilm_path):
     if not torch.cuda.is_available():
         with pytest.raises(LeafkdError, match="cuda-graphs true: needs a CUDA device"):
             train(load_config(None, **_args(texts_file, minilm_path, tmp_path / "graphs", cuda_graphs="true",
-                                            device="cpu", packed="true")), log=lambda *a: None)
+                                            device="cpu", packed="true")))
         assert not (tmp_path / "graphs").exists()  # refused before any work
     with pytest.raises(LeafkdError, match="unknown option"):
         load_config(None, bogus=1)
     (tmp_path / "c.toml").write_text("lr = [\n")
     with pytest.raises(LeafkdError, match="malformed TOML"):
         load_config(tmp_path / "c.toml")
+
+
+def test_adapt_options_add_the_adaptation_text_as_adapt_text_files_would(tmp_path, texts_file, data_dir):
+    # --adapt builds `leafkd adapt-text`'s text in memory: documents and pieces x adapt_weight, spans once.
+    from leafkd.data.adaptation import adaptation_text
+    from leafkd.data.sources import load_corpus
+    from leafkd.training.corpus import bank_sources, training_corpus
+
+    docs = tmp_path / "docs.jsonl"
+    corpus_lines = (data_dir / "beir" / "scifact" / "corpus.jsonl").read_text().splitlines()[:40]
+    docs.write_text("".join(line + "\n" for line in corpus_lines))
+    cfg = load_config(None, teacher="t", data=[str(texts_file)], adapt=[str(docs)], seed=2, bank=1.0,
+                      bank_from_adapt=True)
+    corpus = training_corpus(cfg)
+    pieces, spans = adaptation_text(docs, 4, seed="2:docs")  # as `leafkd adapt-text --seed 2` draws them
+    (tmp_path / "pieces.txt").write_text("".join(p + "\n" for p in pieces))
+    (tmp_path / "spans.txt").write_text("".join(s + "\n" for s in spans))
+    files = load_corpus([str(texts_file), f"{docs}*3", f"{tmp_path / 'pieces.txt'}*3", str(tmp_path / "spans.txt")])
+    assert corpus.texts == files.texts and np.array_equal(corpus.weights, files.weights)
+    assert len(spans) > 40 and bank_sources(cfg) == [str(docs)]
+    once = training_corpus(load_config(None, teacher="t", data=[str(texts_file)], adapt=[str(docs)], adapt_weight=1,
+                                       adapt_spans=0))
+    files = load_corpus([str(texts_file), str(docs), str(tmp_path / "pieces.txt")])
+    assert once.texts == files.texts and np.array_equal(once.weights, files.weights)
+    # Adaptation options enter the result key only when a corpus is adapted to (older keys stay as they were).
+    plain = load_config(None, teacher="t", data=["d"])
+    assert plain.result_key() == load_config(None, teacher="t", data=["d"], adapt_weight=5).result_key()
+    assert plain.result_key() != load_config(None, teacher="t", data=["d"], adapt=["x"]).result_key()
+    with pytest.raises(LeafkdError, match="--bank-from-adapt needs"):
+        load_config(None, teacher="t", data=["d"], bank_from_adapt=True)
+
+
+def test_fixed_choice_options_parse_from_toml_and_flags(tmp_path):
+    from leafkd.training.config import Projection, SelectMode, TriState
+
+    (tmp_path / "c.toml").write_text('[train]\nteacher = "t"\ndata = ["d"]\nnormalize = true\npacked = false\n'
+                                     'projection = "always"\nselect = "subset"\n')
+    cfg = load_config(tmp_path / "c.toml", cuda_graphs="TRUE")
+    assert (cfg.normalize, cfg.packed, cfg.cuda_graphs) == (TriState.TRUE, TriState.FALSE, TriState.TRUE)
+    assert cfg.projection is Projection.ALWAYS and cfg.select is SelectMode.SUBSET
+    assert json.dumps([cfg.projection, cfg.normalize]) == '["always", "true"]' and f"{cfg.packed}" == "false"
+    with pytest.raises(LeafkdError, match="^precision must be auto, bf16 or fp32, not 'fp16'$"):
+        load_config(None, teacher="t", data=["d"], precision="fp16")

@@ -39,12 +39,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Texts to capture from which compiling the teacher's forward pays for its ~20-40 s (on CUDA, auto).
+AUTO_COMPILE_TEXTS = 50_000
 PENDING = ".pending"  # per-shard completion records of a distributed capture, merged into the manifest at the end
 
 
 @dataclass
 class _ShardEncoder:
-    """The teacher and how it embeds: one shard's texts -> float32 vectors (checked finite) and a truncation count."""
+    """The teacher and how it embeds: texts -> float16 vectors (checked finite) and a truncation count."""
 
     model: SentenceTransformer
     prompt: str | None
@@ -54,15 +56,80 @@ class _ShardEncoder:
     dtype: DType | str | None
     compile: bool = False
 
-    def __call__(self, texts: list[str], progress: Callable[[int], None] | None) -> tuple[np.ndarray, int]:
+    def __call__(self, texts: list[str], progress: Callable[[int], None] | None,
+                 on_rows: Callable[[np.ndarray], None] | None = None, out: np.ndarray | None = None,
+                 segment: int | None = None) -> tuple[np.ndarray, int]:
+        """float16 [len(texts), dim] (into `out` when given), cast and normalised on the device; `on_rows` as in
+        `encode`."""
         stats: dict[str, int] = {}
-        vecs = encode(self.model, texts, prompt=self.prompt, batch_tokens=self.batch_tokens, device=self.device,
-                      dtype=self.dtype, progress=progress, stats=stats, compile=self.compile)
-        if self.normalize:
-            vecs = l2_normalize(vecs, copy=False)
-        if not np.isfinite(vecs).all():
-            raise LeafkdError("the teacher produced non-finite vectors; check the model and precision")
+        vecs = out if out is not None else np.empty((len(texts), embedding_dimension(self.model)), dtype=np.float16)
+        encode(self.model, texts, prompt=self.prompt, batch_tokens=self.batch_tokens, device=self.device,
+               dtype=self.dtype, progress=progress, stats=stats, compile=self.compile, out=vecs,
+               normalize=self.normalize, on_rows=on_rows, segment=segment)
         return vecs, stats["truncated"]
+
+
+def _check_finite(vecs: np.ndarray) -> None:
+    if not np.isfinite(vecs).all():
+        raise LeafkdError("the teacher produced non-finite vectors (or values beyond float16); check the model "
+                          "and precision")
+
+
+class _ShardWriter:
+    """Commits shards of a streaming capture in order, in a background thread, while the device keeps encoding.
+
+    The encoder fills `vecs` (rows of `texts`) batch by batch; `rows_done` counts each shard's filled rows and
+    hands a complete shard to the thread, which checks it and appends it to the store (files first, then the
+    manifest), so a kill at any point leaves only whole shards listed.
+    """
+
+    def __init__(self, store: VectorStore, texts: list[str], vecs: np.ndarray, shard_size: int) -> None:
+        import queue
+        import threading
+
+        self.store, self.texts, self.vecs, self.shard_size = store, texts, vecs, shard_size
+        self.n_shards = -(-len(texts) // shard_size)
+        self.filled = np.zeros(self.n_shards, dtype=np.int64)
+        self.sizes = np.minimum(shard_size, len(texts) - np.arange(self.n_shards) * shard_size)
+        self.queue: queue.Queue[int | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="leafkd-shard-writer", daemon=True)
+        self.thread.start()
+
+    def rows_done(self, rows: np.ndarray) -> None:
+        counts = np.bincount(np.asarray(rows) // self.shard_size, minlength=self.n_shards)
+        before = self.filled.copy()
+        self.filled += counts
+        for k in np.flatnonzero((before < self.sizes) & (self.filled >= self.sizes)):
+            self.queue.put(int(k))
+        if self.error is not None:
+            raise self.error
+
+    def _work(self) -> None:
+        done: set[int] = set()
+        next_k = 0
+        while next_k < self.n_shards:
+            k = self.queue.get()
+            if k is None:
+                return
+            done.add(k)
+            while next_k in done:  # shards are listed in order, whatever order they complete in
+                try:
+                    s = slice(next_k * self.shard_size, next_k * self.shard_size + int(self.sizes[next_k]))
+                    _check_finite(self.vecs[s])
+                    self.store.append(self.vecs[s], self.texts[s], _hash_matrix(self.texts[s]))
+                except BaseException as e:  # re-raised in the encoding thread
+                    self.error = e
+                    return
+                next_k += 1
+
+    def close(self) -> None:
+        """Wait for the shards handed over so far to be written (all of them after a whole run); re-raise a
+        writer error."""
+        self.queue.put(None)  # after every complete shard: the thread writes those, then stops
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _hash_matrix(texts: list[str]) -> np.ndarray:
@@ -97,8 +164,11 @@ def _progress_bar(show: bool, total: int, initial: int = 0, desc: str = "capture
 def capture(teacher: str | Path, corpus: Corpus, out: str | Path, *, prompt: str | None = None,
             normalize: bool = False, shard_size: int = 65536, batch_tokens: int | None = None,
             device: str | None = None, dtype: DType | str | None = None, show_progress: bool = True,
-            model: SentenceTransformer | None = None, compile: bool = False) -> VectorStore:
+            model: SentenceTransformer | None = None, compile: bool | None = None) -> VectorStore:
     """Embed `corpus` with the teacher into a vector store at `out` (resuming one that is there).
+
+    ``compile``: torch.compile the teacher's packed forward; None (auto) compiles on CUDA when there are at
+    least `AUTO_COMPILE_TEXTS` texts to embed, where the ~20-40 s of compilation pays for itself.
 
     Under `torchrun` (WORLD_SIZE > 1) the shards are split over the ranks; see `_capture_distributed`.
     """
@@ -116,6 +186,8 @@ def capture(teacher: str | Path, corpus: Corpus, out: str | Path, *, prompt: str
         raise LeafkdError(f"{teacher_path}: the model does not state its embedding dimension")
     meta = {"teacher": str(teacher_path), "prompt": prompt, "normalize": normalize,
             "max_seq_length": max_seq_length(model), "truncated": 0}
+    if compile is None:
+        compile = dev.type == "cuda" and len(corpus.texts) >= AUTO_COMPILE_TEXTS
     embed = _ShardEncoder(model, prompt, normalize, batch_tokens, dev, dtype, compile)
     if distributed.world_size() > 1:
         return _capture_distributed(embed, corpus, out, fp, dim, meta, shard_size=shard_size,
@@ -129,28 +201,54 @@ def capture(teacher: str | Path, corpus: Corpus, out: str | Path, *, prompt: str
         logger.info("%s: resuming a capture of %d texts; %d left to embed", out, len(corpus.texts), len(todo))
     bar = _progress_bar(show_progress, len(corpus.texts), initial=len(corpus.texts) - len(todo))
     truncated = int(store.manifest.get("truncated", 0))
+    pending = (out / PENDING).is_dir()  # a killed distributed run left finished shards: adopt them, embed the rest
     try:
-        for start in range(0, len(todo), shard_size):
-            texts = todo[start : start + shard_size]
-            if (out / PENDING).is_dir():  # shards a killed distributed run finished: list them, skip the work
-                k = len(store.manifest["shards"])
-                rec = _pending(out, k, _chunk_digest(_hash_matrix(texts)))
-                if rec is not None:
-                    truncated += int(rec["truncated"])
-                    store.add_shards([rec["entry"]], truncated=truncated)
-                    if bar is not None:
-                        bar.update(len(texts))
-                    continue
-                (out / PENDING / f"shard-{k:05d}.json").unlink(missing_ok=True)  # stale: shard k is rewritten
-            vecs, n_trunc = embed(texts, bar.update if bar is not None else None)
-            truncated += n_trunc
-            store.append(vecs.astype(np.float16), texts, _hash_matrix(texts))
+        pos = 0
+        while pos < len(todo):
+            k = len(store.manifest["shards"])
+            rec = _adoptable(out, k, todo[pos : pos + shard_size]) if pending else None
+            if rec is not None:
+                truncated += int(rec["truncated"])
+                store.add_shards([rec["entry"]], truncated=truncated)
+                if bar is not None:
+                    bar.update(len(todo[pos : pos + shard_size]))
+                pos += shard_size
+                continue
+            end = pos + shard_size  # the run of shards up to the next adoptable one goes through one pipeline
+            while end < len(todo) and not (pending and _adoptable(out, k + (end - pos) // shard_size,
+                                                                  todo[end : end + shard_size])):
+                end += shard_size
+            truncated += _embed_run(embed, store, todo[pos:end], dim, shard_size, bar)
             store.update(truncated=truncated)
+            pos = end
     finally:
         if bar is not None:
             bar.close()
-    store.update(complete=True)
+    store.update(truncated=truncated, complete=True)
     return store
+
+
+def _embed_run(embed: _ShardEncoder, store: VectorStore, texts: list[str], dim: int, shard_size: int,
+               bar: tqdm | None) -> int:
+    """Embed consecutive shards through one pipeline, each batched as if alone (resuming recomputes a shard bit
+    for bit), committing them in order from a background writer; the number of truncated texts."""
+    vecs = np.empty((len(texts), dim), dtype=np.float16)
+    writer = _ShardWriter(store, texts, vecs, shard_size)
+    try:
+        _, n_trunc = embed(texts, bar.update if bar is not None else None, writer.rows_done, out=vecs,
+                           segment=shard_size)
+    finally:
+        writer.close()
+    return int(n_trunc)
+
+
+def _adoptable(out: Path, k: int, texts: list[str]) -> dict[str, Any] | None:
+    """The record of shard k left by a killed distributed capture if it holds exactly these texts; a stale
+    record is removed (shard k gets rewritten)."""
+    rec = _pending(out, k, _chunk_digest(_hash_matrix(texts)))
+    if rec is None:
+        (out / PENDING / f"shard-{k:05d}.json").unlink(missing_ok=True)
+    return rec
 
 
 # -- distributed capture -------------------------------------------------------------------------------------
@@ -203,7 +301,8 @@ def _capture_distributed(embed: _ShardEncoder, corpus: Corpus, out: Path, fp: st
                     bar.update(len(texts))
                 continue
             vecs, n_trunc = embed(texts, bar.update if bar is not None else None)
-            entry = store.write_shard(k, vecs.astype(np.float16), texts, hashes)
+            _check_finite(vecs)
+            entry = store.write_shard(k, vecs, texts, hashes)
             atomic.write_json(out / PENDING / f"shard-{k:05d}.json",
                               {"entry": entry, "digest": digest, "truncated": int(n_trunc), "rank": r})
     finally:

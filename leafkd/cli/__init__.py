@@ -1,8 +1,9 @@
 """The `leafkd` and `train-embedder` commands: one module per subcommand, each with `register(subparsers)`.
 
-User errors (`LeafkdError`, missing files, bad options) print one `error:` line on stderr and exit with status 2;
-Ctrl-C exits 130. Everything else keeps its traceback: that is a bug to report. Library code logs through
-`logging`; the CLI shows those records on stderr and prints its own results on stdout.
+User errors (`LeafkdError`, bad options, numbers out of range, files that cannot be read or written) print one
+`error:` line on stderr and exit with status 2; Ctrl-C exits 130. Everything else keeps its traceback: that is a
+bug to report. Every parser is a `leafkd.cli.options.Parser`, whose numeric options carry their ranges. Library
+code logs through `logging`; the CLI shows those records on stderr and prints its own results on stdout.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import sys
 from collections.abc import Callable, Sequence
 
 from leafkd import __version__
+from leafkd.cli.options import Parser
 from leafkd.errors import LeafkdError
 
 # Subcommand modules under leafkd.cli, in the order `leafkd --help` lists them.
-COMMANDS = ("models", "capture", "adapt", "train", "index", "serve", "eval", "demo", "export")
+COMMANDS = ("distill", "models", "capture", "adapt", "train", "index", "serve", "eval", "demo", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `leafkd` parser, with every subcommand's options (their modules load their heavy imports lazily)."""
-    parser = argparse.ArgumentParser(prog="leafkd", description=(__doc__ or "").splitlines()[0])
+    parser = Parser(prog="leafkd", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--version", action="version", version=f"leafkd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
@@ -56,6 +58,10 @@ def run(func: Callable[[], int | None]) -> int:
     except LeafkdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file or folder the user named cannot be read or written (permissions, disk full)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -77,6 +83,6 @@ def train_embedder_main(argv: Sequence[str] | None = None) -> int:
     from leafkd.cli.train import build_train_parser
 
     setup_logging()
-    parser = build_train_parser(argparse.ArgumentParser(prog="train-embedder"))
+    parser = build_train_parser(Parser(prog="train-embedder"))
     args = parser.parse_args(argv)
     return run(lambda: args.func(args))

@@ -6,17 +6,14 @@ import argparse
 from pathlib import Path
 
 from leafkd.atomic import write_text
+from leafkd.cli.options import add_number, output_folder
 from leafkd.data.adaptation import adaptation_text
 from leafkd.data.sources import Source
 from leafkd.errors import LeafkdError
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.spans < 0:
-        raise LeafkdError(f"--spans {args.spans}: must be >= 0")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise LeafkdError(f"--out {out}: exists and is not a folder")
     # A source may carry a column and a weight (PATH[#COLUMN][*WEIGHT]); the weight is replaced by --weight.
     sources = [Source.parse(s) for s in args.source]
     plain = [f"{s.path}#{s.column}" if s.column else str(s.path) for s in sources]
@@ -54,8 +51,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("adapt-text",
                        help="cut an index's documents into sentence pieces and query-sized spans for training")
     p.add_argument("source", nargs="+", help="documents: a BEIR folder (its corpus.jsonl) or any --data source")
-    p.add_argument("--out", required=True, help="folder for NAME-pieces.txt and NAME-spans.txt (written atomically)")
-    p.add_argument("--spans", type=int, default=4, help="random 4-32-word spans per document (0: none)")
-    p.add_argument("--weight", type=int, default=3, help="visits per epoch suggested for the documents and pieces")
-    p.add_argument("--seed", type=int, default=0, help="seed of the span draw")
+    p.add_argument("--out", required=True, type=output_folder,
+                   help="folder for NAME-pieces.txt and NAME-spans.txt (written atomically)")
+    add_number(p, "--spans", int, min=0, max=10_000, default=4, help="random 4-32-word spans per document (0: none)")
+    add_number(p, "--weight", int, min=1, max=1000, default=3,
+               help="visits per epoch suggested for the documents and pieces")
+    add_number(p, "--seed", int, min=0, max=2**32 - 1, default=0, help="seed of the span draw")
     p.set_defaults(func=_run)

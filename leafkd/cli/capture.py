@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from leafkd.cli.options import add_number, existing_file, output_folder
 from leafkd.data.sources import load_corpus
 from leafkd.errors import LeafkdError
 
@@ -38,16 +39,18 @@ def _run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("capture", help="embed texts with the teacher into a resumable vector store")
     p.add_argument("--teacher", help="teacher model folder or installed name")
-    p.add_argument("--teacher-vectors", help="black-box teacher: .npy whose row i embeds text i of --data")
+    p.add_argument("--teacher-vectors", type=existing_file((".npy",)),
+                   help="black-box teacher: .npy whose row i embeds text i of --data")
     p.add_argument("--data", action="append", required=True, metavar="SOURCE",
                    help="PATH[#COLUMN][*WEIGHT]: .txt, .jsonl, .tsv or a BEIR folder (repeatable)")
-    p.add_argument("--out", required=True, help="vector store folder (resumed if it exists)")
+    p.add_argument("--out", required=True, type=output_folder, help="vector store folder (resumed if it exists)")
     p.add_argument("--prompt", default=None, help="prompt prepended to every text")
     p.add_argument("--normalize", action="store_true", help="L2-normalise the stored vectors")
-    p.add_argument("--max-texts", type=int, default=None, help="a seeded sample of this many unique texts")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-size", type=int, default=65536, help="texts per committed shard (default: %(default)s)")
-    p.add_argument("--batch-tokens", type=int, default=None, help="token budget per batch")
+    add_number(p, "--max-texts", int, min=1, max=2**40, default=None, help="a seeded sample of this many unique texts")
+    add_number(p, "--seed", int, min=0, max=2**32 - 1, default=0, help="seed of the sample")
+    add_number(p, "--shard-size", int, min=1, max=2**31 - 1, default=65536,
+               help="texts per committed shard (default: %(default)s)")
+    add_number(p, "--batch-tokens", int, min=1, max=2**31 - 1, default=None, help="token budget per batch")
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the teacher's packed forward (CUDA; pays off on large corpora)")

@@ -22,7 +22,9 @@ def _run(args: argparse.Namespace) -> int:
     from leafkd.training.config import load_config
     from leafkd.training.trainer import train
 
-    train_dir = data_dir(args.data_dir) / "train"
+    folder = data_dir(args.data_dir)
+    assert folder is not None  # required: a missing data folder is a one-line error
+    train_dir = folder / "train"
     data = [f"{train_dir}/questions.tsv", f"{train_dir}/wordnet_examples.txt",
             f"{train_dir}/sentences/movie_reviews.txt", f"{train_dir}/sentences/product_reviews.txt",
             f"{train_dir}/wiki_summaries.jsonl*0.5"]
@@ -34,12 +36,12 @@ def _run(args: argparse.Namespace) -> int:
     # "Before": the truncated student as it is, no projection (same 384-d space as the teacher).
     from leafkd.training.data import prepare_data
 
-    data_obj = prepare_data(cfg, Path(cfg.output), lambda *_: None)
+    data_obj = prepare_data(cfg, Path(cfg.output))
     held_texts = [data_obj.texts[i] for i in data_obj.heldout_idx]
     raw = build_student(args.teacher, 384, layers=3, projection="none", normalize=True)
     before = heldout_alignment(encode(raw, held_texts), data_obj.teacher[data_obj.heldout_idx].astype(np.float32))
-    rows = [("student before training (3 layers, no map)", before), ("ridge linear map only (step 0)", result["ridge_baseline"]),
-            ("trained student (leafkd)", result["final"])]
+    rows = [("student before training (3 layers, no map)", before),
+            ("ridge linear map only (step 0)", result["ridge_baseline"]), ("trained student (leafkd)", result["final"])]
     print()
     print(f"held-out alignment to the teacher ({len(held_texts)} texts never trained on)")
     print(f"{'':46s} {'mean cos':>9s} {'p5 cos':>8s} {'top-10 agr':>10s}")

@@ -15,7 +15,8 @@ def _csv(value: str) -> list[str]:
 
 
 def register(subparsers) -> None:
-    from leafkd.evaluation.embedders import MODES
+    from leafkd.evaluation.embedders import Mode
+    from leafkd.evaluation.engines import Engine
     from leafkd.evaluation.tasks import DEFAULT_TASKS
 
     p = subparsers.add_parser(
@@ -26,17 +27,21 @@ def register(subparsers) -> None:
     p.add_argument("--student", help="distilled student folder (with leafkd.json)")
     p.add_argument("--base", help="the student's base model before distillation (default: leafkd.json 'base')")
     p.add_argument("--ridge", action="store_true", help="add the ridge-map baseline (base -> teacher)")
-    p.add_argument("--modes", type=_csv, help=f"comma-separated, from {','.join(MODES)} (default: all available)")
+    p.add_argument("--modes", type=_csv,
+                   help=f"comma-separated, from {','.join(m.value for m in Mode)} (default: all available)")
     p.add_argument("--tasks", type=_csv, default=list(DEFAULT_TASKS),
                    help=f"comma-separated: {','.join(DEFAULT_TASKS)}, BEIR folders or STS .tsv files "
                         "(default: all five)")
     p.add_argument("--data-dir", help="data folder (default: $LEAFKD_DATA or ../shared/data beside the repo)")
     p.add_argument("--out", help="output folder (default: eval/results/<student or teacher>-<time>)")
-    p.add_argument("--engine", choices=["mteb", "fast"], help="mteb (reference; default when installed) or fast")
+    p.add_argument("--engine", choices=[e.value for e in Engine],
+                   help="mteb (reference; default when installed) or fast")
     p.add_argument("--alignment", action="store_true",
                    help="also run alignment diagnostics (cosine, top-10 agreement, truncation, quantisation)")
     p.add_argument("--ridge-texts", type=int, default=20000, help="training texts for the ridge fit (default 20000)")
-    p.add_argument("--ridge-alpha", type=float, default=1.0, help="ridge regularisation (default 1.0)")
+    p.add_argument("--ridge-alpha", type=float, default=1e-2,
+                   help="relative ridge penalty: alpha x the mean eigenvalue of the base vectors' centred Gram matrix "
+                        "(default 0.01, the rule and value of training's projection warm start)")
     p.add_argument("--batch-tokens", type=int, help="token budget per encoding batch")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--teacher-query-prompt", help="override the teacher's query prompt ('' for none)")
@@ -62,21 +67,18 @@ def run(args: argparse.Namespace) -> int:
     if modes is not None and args.ridge and "ridge" not in modes:
         modes = [*modes, "ridge"]
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     results = run_evaluation(
         teacher=args.teacher, student=args.student, base=args.base, modes=modes, tasks=args.tasks,
         data_dir=data_dir, engine=args.engine, ridge=args.ridge, ridge_n=args.ridge_texts,
         ridge_alpha=args.ridge_alpha, with_alignment=args.alignment, device=args.device,
         batch_tokens=args.batch_tokens, teacher_query_prompt=args.teacher_query_prompt,
         student_query_prompt=args.student_query_prompt, ignore_identical_ids=not args.keep_identical_ids,
-        progress=args.progress, log=log)
+        progress=args.progress)
     out = Path(args.out) if args.out else Path("eval/results") / (
         f"{Path(args.student or args.teacher).name}-{time.strftime('%Y%m%d-%H%M%S')}")
     paths = write_report(results, out)
     print(markdown_table(results), end="")
-    log(f"wrote {', '.join(str(p) for p in paths.values())}")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr, flush=True)
     return 0
 
 

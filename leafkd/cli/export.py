@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from leafkd.cli.options import output_folder
+
 
 def _run(args: argparse.Namespace) -> int:
     from leafkd.student.export import export_pair  # loads sentence-transformers: not at `leafkd --help`
@@ -22,5 +24,5 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("export", help="save student + teacher as one Router.for_query_document model")
     p.add_argument("--student", required=True, help="trained student folder (with leafkd.json)")
     p.add_argument("--teacher", default=None, help="teacher folder (default: the one in leafkd.json)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, type=output_folder, help="output folder")
     p.set_defaults(func=_run)

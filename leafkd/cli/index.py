@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from leafkd.cli.options import existing_file
 from leafkd.errors import LeafkdError
 
 
@@ -29,30 +31,70 @@ def _ids_from(args) -> list[str]:
     for item in args.ids or []:
         ids.extend(x for x in item.split(",") if x)
     if args.ids_file:
-        p = Path(args.ids_file)
-        if not p.exists():
-            raise LeafkdError(f"{p}: no such file")
-        ids.extend(line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+        ids.extend(line.strip() for line in Path(args.ids_file).read_text(encoding="utf-8").splitlines()
+                   if line.strip())
     if not ids:
         raise LeafkdError("no document ids given (--ids A,B or --ids-file FILE)")
     return ids
+
+
+def _folder(args) -> Path:
+    """The index folder of ``--name`` (a plain name, never a path) under ``--indexes-dir``."""
+    from leafkd.retrieval.manifest import check_index_name, check_indexes_dir
+
+    return check_indexes_dir(args.indexes_dir) / check_index_name(args.name)
+
+
+def _check_vectors(path: Path) -> None:
+    """A readable .npy of a 2-d numeric array (a black-box teacher's vectors), or a one-line error."""
+    import numpy as np
+
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise LeafkdError(f"--vectors {path}: not a readable .npy array ({e})") from None
+    if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.dtype.kind not in "fiu":
+        raise LeafkdError(f"--vectors {path}: expected a 2-d numeric array (documents x dim)")
+
+
+def _report_empty(corpus: str) -> None:
+    """Say which documents of a corpus are skipped for being empty (no title and no text), by id."""
+    from leafkd.data.documents import corpus_file, iter_jsonl
+
+    try:
+        path = corpus_file(corpus)
+        if path.suffix != ".jsonl":
+            return  # blank lines of a .txt are separators, not documents
+        empty = [str(obj.get("_id", obj.get("id", f"line {n}"))) for n, obj in iter_jsonl(path)
+                 if isinstance(obj, dict) and isinstance(obj.get("text"), str) and not obj["text"].strip()
+                 and not str(obj.get("title") or "").strip()]
+    except (LeafkdError, OSError, UnicodeDecodeError):
+        return  # the corpus reader reports the problem itself
+    if empty:
+        more = f" and {len(empty) - 20} more" if len(empty) > 20 else ""
+        print(f"note: {len(empty)} empty document(s) skipped (no title, no text): {', '.join(empty[:20])}{more}",
+              file=sys.stderr)
 
 
 def cmd_build(args) -> int:
     from leafkd.retrieval.build import build_index
     from leafkd.retrieval.faiss_utils import faiss_build_name, gpu_count
 
+    folder = _folder(args)
+    if args.teacher is None and args.vectors is None:
+        raise LeafkdError("give --teacher (a model folder) or --vectors (precomputed teacher vectors)")
+    if args.vectors is not None:
+        _check_vectors(args.vectors)
     gpu = args.gpu
     if gpu is None:
         gpu = gpu_count() > 0
     print(f"FAISS: {faiss_build_name()}, {'GPU' if gpu else 'CPU'} build"
           + ("" if gpu or gpu_count() == 0 else " (GPU present but --no-gpu)"))
-    if args.teacher is None and args.vectors is None:
-        raise LeafkdError("give --teacher (a model folder) or --vectors (precomputed teacher vectors)")
-    folder = build_index(args.name, args.corpus, teacher=args.teacher, vectors=args.vectors, factory=args.factory,
-                         indexes_dir=args.indexes_dir, gpu=gpu, fp16=args.fp16, doc_prompt=args.doc_prompt,
-                         query_prompt=args.query_prompt, search_params=_parse_params(args.param),
-                         overwrite=args.overwrite, device=args.device, show_progress=not args.quiet)
+    _report_empty(args.corpus)
+    folder = build_index(folder, args.corpus, teacher=args.teacher, vectors=args.vectors, factory=args.factory,
+                         gpu=gpu, fp16=args.fp16, doc_prompt=args.doc_prompt, query_prompt=args.query_prompt,
+                         search_params=_parse_params(args.param), overwrite=args.overwrite, device=args.device,
+                         show_progress=not args.quiet)
     from leafkd.retrieval.index import index_info
 
     print(index_info(folder).summary())
@@ -60,21 +102,22 @@ def cmd_build(args) -> int:
 
 
 def cmd_add(args) -> int:
-    from leafkd.retrieval.manifest import index_path
     from leafkd.retrieval.updates import add_documents
 
-    m = add_documents(args.name, args.corpus, teacher=args.teacher, indexes_dir=args.indexes_dir, device=args.device,
+    folder = _folder(args)
+    _report_empty(args.corpus)
+    m = add_documents(folder, args.corpus, teacher=args.teacher, device=args.device,
                       allow_fingerprint_mismatch=args.allow_fingerprint_mismatch, show_progress=not args.quiet)
-    print(f"{index_path(args.name, args.indexes_dir)}: {m['count']} documents (generation {m['generation']})")
+    print(f"{folder}: {m['count']} documents (generation {m['generation']})")
     return 0
 
 
 def cmd_delete(args) -> int:
-    from leafkd.retrieval.manifest import index_path
     from leafkd.retrieval.updates import delete_documents
 
-    m = delete_documents(args.name, _ids_from(args), indexes_dir=args.indexes_dir, missing_ok=args.missing_ok)
-    print(f"{index_path(args.name, args.indexes_dir)}: {m['count']} documents (generation {m['generation']})")
+    folder = _folder(args)
+    m = delete_documents(folder, _ids_from(args), missing_ok=args.missing_ok)
+    print(f"{folder}: {m['count']} documents (generation {m['generation']})")
     return 0
 
 
@@ -84,7 +127,7 @@ def cmd_info(args) -> int:
     from leafkd.retrieval.index import index_info
     from leafkd.retrieval.manifest import verify_index
 
-    info = index_info(args.name, args.indexes_dir)
+    info = index_info(_folder(args))
     if args.verify:
         verify_index(info.path, info.manifest)
     if args.json:
@@ -102,13 +145,15 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--name", required=True, help="index name under --indexes-dir, or a folder path")
+        q.add_argument("--name", required=True,
+                       help="index name: letters, digits, '.', '_', '-' (a name, not a path: see --indexes-dir)")
         q.add_argument("--indexes-dir", default="indexes", help="where named indexes live (default: indexes)")
 
     b = sub.add_parser("build", help="embed a corpus with the teacher and build an index")
     common(b)
     b.add_argument("--teacher", help="teacher model folder (or installed model name)")
-    b.add_argument("--vectors", help="precomputed teacher vectors (.npy, corpus order) for a black-box teacher")
+    b.add_argument("--vectors", type=existing_file((".npy",)),
+                   help="precomputed teacher vectors (.npy, corpus order) for a black-box teacher")
     b.add_argument("--corpus", required=True, help="BEIR folder, corpus.jsonl, .jsonl or .txt")
     b.add_argument("--factory", default="Flat",
                    help="FAISS factory string: Flat, HNSW32, IVF4096,Flat, IVF4096,PQ64, SQ8 ...")
@@ -121,7 +166,8 @@ def register(subparsers) -> None:
     b.add_argument("--query-prompt", default=None, help="prompt for teacher-encoded queries (mode teacher)")
     b.add_argument("--param", action="append", help="search parameter NAME=VALUE (nprobe=64, efSearch=256)")
     b.add_argument("--device", default=None, help="torch device for the teacher (default: cuda if present)")
-    b.add_argument("--overwrite", action="store_true", help="replace an existing index of that name")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace an existing index of that name (never another folder or a symbolic link)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_build)
 
@@ -138,7 +184,7 @@ def register(subparsers) -> None:
     d = sub.add_parser("delete", help="delete documents by id")
     common(d)
     d.add_argument("--ids", action="append", help="comma-separated document ids (repeatable)")
-    d.add_argument("--ids-file", help="file with one id a line")
+    d.add_argument("--ids-file", type=existing_file(), help="file with one id a line")
     d.add_argument("--missing-ok", action="store_true", help="ignore ids that are not in the index")
     d.set_defaults(func=cmd_delete)
 

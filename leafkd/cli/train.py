@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, Field, fields
+from typing import Any
 
-NO_CONFIG = object()
 
-
-def _type_of(annotation) -> type:
+def _type_of(annotation: Any) -> type:
     text = str(annotation)
     for name, typ in (("int", int), ("float", float), ("bool", bool), ("str", str)):
         if text.startswith(name) or text.startswith(f"{name} |"):
@@ -26,6 +25,10 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
+def _default(f: Field) -> Any:
+    return f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
+
+
 def build_train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from leafkd.training.config import TrainConfig
 
@@ -33,10 +36,15 @@ def build_train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--config", help="TOML file with any of the options below (flags override it)")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        default = _default(f)
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
-        if f.name in ("data", "bank_data"):
+        choices = f.metadata.get("choices")
+        if isinstance(default, list):
             parser.add_argument(flag, action="append", default=None, metavar="SOURCE", help=help_text)
+        elif choices is not None:
+            # Parsed (and refused with a one-line error) by TrainConfig, which also reads them from TOML.
+            metavar = "{" + ",".join(c.value for c in choices) + "}"
+            parser.add_argument(flag, default=None, metavar=metavar, help=help_text)
         elif _type_of(f.type) is bool:
             parser.add_argument(flag, type=_parse_bool, default=None, metavar="BOOL", help=help_text)
             if f.name in ("resume", "plot", "progress"):
@@ -49,25 +57,23 @@ def build_train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from leafkd.runtime import distributed
     from leafkd.training.config import TrainConfig, load_config
     from leafkd.training.trainer import train
 
     overrides = {f.name: getattr(args, f.name, None) for f in fields(TrainConfig)}
     cfg = load_config(args.config, **overrides)
-    from leafkd.runtime import distributed as distributed
-
     result = train(cfg)  # joins the torchrun process group when launched by torchrun
     main = distributed.is_main()
     distributed.shutdown()
     if not main:
         return 0
     final, base = result["final"], result["ridge_baseline"]
-    print(json.dumps({"model": result["model"], "steps": result["steps"], "final": final, "ridge_baseline": base}, indent=2))
+    print(json.dumps({"model": result["model"], "steps": result["steps"], "final": final, "ridge_baseline": base},
+                     indent=2))
     return 0
 
 
 def register(sub) -> None:
     parser = sub.add_parser("train", help="train a student (same as train-embedder)")
     build_train_parser(parser)
-
-

@@ -27,22 +27,14 @@ class RetrievalSet:
         return [join_title(d.get("title"), d.get("text", "")) for d in self.corpus.values()]
 
 
-def read_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
-    """Load ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv``; keep only judged queries."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise LeafkdError(f"{folder}: no such folder")
-    corpus: dict[str, dict[str, str]] = {}
-    if not (folder / "corpus.jsonl").exists():
-        raise LeafkdError(f"{folder / 'corpus.jsonl'}: no such file")
-    for d in read_documents(folder, require_ids=True, keep_empty=True):
-        corpus[d.id] = {"title": d.title, "text": d.text}
-    all_queries = {q["_id"]: str(q["text"]) for q in jsonl_records(folder / "queries.jsonl", ("_id", "text"))}
-    qrels_path = folder / "qrels" / f"{split}.tsv"
-    if not qrels_path.exists():
-        raise LeafkdError(f"{qrels_path}: no such file (a BEIR folder needs qrels/{split}.tsv)")
+def read_qrels(path: Path, queries: dict[str, str], corpus: dict[str, dict[str, str]], *,
+               queries_file: str = "queries.jsonl", corpus_file: str = "corpus.jsonl") -> dict[str, dict[str, int]]:
+    """Graded relevance from a ``query-id corpus-id score`` TSV (header optional); ids that are not in the queries
+    or the corpus (named in errors as `queries_file`, `corpus_file`) are errors."""
+    if not path.exists():
+        raise LeafkdError(f"{path}: no such file")
     qrels: dict[str, dict[str, int]] = {}
-    with open(qrels_path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             parts = line.rstrip("\n").split("\t")
             if lineno == 1 and parts and not parts[-1].lstrip("-").isdigit():
@@ -50,20 +42,40 @@ def read_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
             if not line.strip():
                 continue
             if len(parts) != 3:
-                raise LeafkdError(f"{qrels_path}:{lineno}: expected 3 tab-separated columns, got {len(parts)}")
+                raise LeafkdError(f"{path}:{lineno}: expected 3 tab-separated columns, got {len(parts)}")
             qid, did, score = parts
             try:
                 grade = int(score)
             except ValueError:
-                raise LeafkdError(f"{qrels_path}:{lineno}: score {score!r} is not an integer") from None
-            if qid not in all_queries:
-                raise LeafkdError(f"{qrels_path}:{lineno}: query id {qid!r} is not in queries.jsonl")
+                raise LeafkdError(f"{path}:{lineno}: score {score!r} is not an integer") from None
+            if qid not in queries:
+                raise LeafkdError(f"{path}:{lineno}: query id {qid!r} is not in {queries_file}")
             if did not in corpus:
-                raise LeafkdError(f"{qrels_path}:{lineno}: document id {did!r} is not in corpus.jsonl")
+                raise LeafkdError(f"{path}:{lineno}: document id {did!r} is not in {corpus_file}")
             qrels.setdefault(qid, {})[did] = grade
-    queries = {qid: all_queries[qid] for qid in qrels}
-    if not queries:
+    return qrels
+
+
+def read_beir(folder: str | Path, split: str = "test", *, queries: str | Path | None = None,
+              qrels: str | Path | None = None) -> RetrievalSet:
+    """Load a BEIR folder's ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv`` (or a corpus file or folder
+    with `queries` and `qrels` named apart); keep only judged queries."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise LeafkdError(f"{folder}: no such folder or file")
+    queries_path = Path(queries) if queries is not None else folder / "queries.jsonl"
+    qrels_path = Path(qrels) if qrels is not None else folder / "qrels" / f"{split}.tsv"
+    if qrels is None and not qrels_path.exists():
+        raise LeafkdError(f"{qrels_path}: no such file (a BEIR folder needs qrels/{split}.tsv)")
+    corpus = {d.id: {"title": d.title, "text": d.text}
+              for d in read_documents(folder, require_ids=True, keep_empty=True)}
+    all_queries = {q["_id"]: str(q["text"]) for q in jsonl_records(queries_path, ("_id", "text"))}
+    relevance = read_qrels(qrels_path, all_queries, corpus, queries_file=queries_path.name,
+                           corpus_file="corpus.jsonl" if folder.is_dir() else folder.name)
+    judged = {qid: all_queries[qid] for qid in relevance}
+    if not judged:
         raise LeafkdError(f"{qrels_path}: no judged queries")
     if not corpus:
-        raise LeafkdError(f"{folder / 'corpus.jsonl'}: no documents")
-    return RetrievalSet(folder.name, corpus, queries, qrels)
+        raise LeafkdError(f"{folder}: no documents")
+    name = folder.name if folder.is_dir() else folder.stem
+    return RetrievalSet(name, corpus, judged, relevance)

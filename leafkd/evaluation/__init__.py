@@ -1,33 +1,39 @@
-"""Evaluation: local MTEB-style tasks, embedders for each mode, two engines, diagnostics, the runner, reports."""
+"""Evaluation: local MTEB-style tasks, embedders for each mode, two engines, diagnostics, the runner, reports.
+
+No extra is needed on import: scipy (STS metrics) comes with sentence-transformers; mteb (the reference engine)
+and pytrec_eval (trec metrics) come with ``leafkd[eval]`` and are optional: without them the built-in ``fast``
+engine and nDCG implementation give the same numbers, and asking for ``--engine mteb`` names the extra.
+"""
 
 from leafkd.evaluation.diagnostics import (
+                                           Quantization,
                                            alignment_diagnostics,
                                            cosine_summary,
                                            dequantize_int8,
                                            hamming_similarity,
-                                           int8_calibration,
-                                           quantize_binary,
-                                           quantize_int8,
+                                           int8_ranges,
                                            quantized_scores,
+                                           retrieval_agreement,
                                            truncate,
 )
 from leafkd.evaluation.embedders import (
-                                           MODES,
                                            AsymmetricEmbedder,
                                            Embedder,
                                            EmbeddingCache,
                                            LinearMapEmbedder,
+                                           Mode,
                                            ModelEmbedder,
                                            ModelSet,
                                            RidgeMap,
                                            fit_ridge_map,
                                            load_models,
+                                           parse_modes,
                                            ridge_texts,
 )
-from leafkd.evaluation.engines import evaluate, fast_evaluate_task, mteb_evaluate, resolve_engine
+from leafkd.evaluation.engines import Engine, evaluate, fast_evaluate_task, mteb_evaluate, resolve_engine
 from leafkd.evaluation.metrics import ndcg_at_k, recall_at_k, retrieval_metrics, search, sts_metrics
 from leafkd.evaluation.report import markdown_table, write_report
-from leafkd.evaluation.runner import run_evaluation
+from leafkd.evaluation.runner import evaluate_models, run_evaluation
 from leafkd.evaluation.tasks import (
                                            DEFAULT_TASKS,
                                            KNOWN_TASKS,
@@ -40,10 +46,10 @@ from leafkd.evaluation.tasks import (
                                            resolve_tasks,
 )
 
-__all__ = ["DEFAULT_TASKS", "KNOWN_TASKS", "MODES", "PUBLISHED", "AsymmetricEmbedder", "Embedder", "EmbeddingCache",
-           "LinearMapEmbedder", "ModelEmbedder", "ModelSet", "RetrievalData", "RidgeMap", "STSData", "TaskSpec",
-           "alignment_diagnostics", "cosine_summary", "dequantize_int8", "evaluate", "fast_evaluate_task",
-           "fit_ridge_map", "hamming_similarity", "int8_calibration", "load_models", "load_task", "load_tasks",
-           "markdown_table", "mteb_evaluate", "ndcg_at_k", "quantize_binary", "quantize_int8", "quantized_scores",
-           "recall_at_k", "resolve_engine", "resolve_tasks", "retrieval_metrics", "ridge_texts", "run_evaluation",
-           "search", "sts_metrics", "truncate", "write_report"]
+__all__ = ["DEFAULT_TASKS", "KNOWN_TASKS", "PUBLISHED", "AsymmetricEmbedder", "Embedder", "EmbeddingCache", "Engine",
+           "LinearMapEmbedder", "Mode", "ModelEmbedder", "ModelSet", "Quantization", "RetrievalData", "RidgeMap",
+           "STSData", "TaskSpec", "alignment_diagnostics", "cosine_summary", "dequantize_int8", "evaluate",
+           "fast_evaluate_task", "fit_ridge_map", "hamming_similarity", "int8_ranges", "load_models", "load_task",
+           "load_tasks", "markdown_table", "mteb_evaluate", "ndcg_at_k", "parse_modes", "quantized_scores",
+           "recall_at_k", "resolve_engine", "resolve_tasks", "retrieval_agreement", "retrieval_metrics",
+           "ridge_texts", "evaluate_models", "run_evaluation", "search", "sts_metrics", "truncate", "write_report"]

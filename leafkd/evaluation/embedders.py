@@ -13,10 +13,10 @@ run and shared between modes and engines.
 
 from __future__ import annotations
 
-import csv
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,33 @@ import numpy as np
 from leafkd.data.paths import data_dir as find_data_dir
 from leafkd.errors import LeafkdError
 from leafkd.student.info import read_student_info
+from leafkd.vectors import ridge_fit
 
-csv.field_size_limit(sys.maxsize)
+
+class Mode(StrEnum):
+    """An evaluation row: which model encodes queries and which encodes documents (see the module docstring)."""
+
+    TEACHER = "teacher"
+    STUDENT = "student"
+    ASYMMETRIC = "asymmetric"
+    BASE = "base"
+    RIDGE = "ridge"
 
 
-MODES = ("teacher", "student", "asymmetric", "base", "ridge")
+def parse_modes(modes: Iterable[str]) -> list[Mode]:
+    """`Mode`s from their names; an unknown name is a one-line `LeafkdError`."""
+    out = []
+    for mode in modes:
+        try:
+            out.append(Mode(mode))
+        except ValueError:
+            raise LeafkdError(f"unknown mode {mode!r} (known: {', '.join(m.value for m in Mode)})") from None
+    return out
+
+
+# The models each mode encodes with, as `ModelSet` attributes.
+MODE_MODELS = {Mode.TEACHER: ("teacher",), Mode.STUDENT: ("student",), Mode.ASYMMETRIC: ("student", "teacher"),
+               Mode.BASE: ("base",), Mode.RIDGE: ("base", "teacher")}
 
 
 class EmbeddingCache:
@@ -56,6 +78,12 @@ class EmbeddingCache:
             return np.zeros((0, dim), dtype=np.float32)
         return np.stack([store[t] for t in texts])
 
+    def put(self, key: tuple[str, str | None], texts: Sequence[str], vectors: np.ndarray) -> None:
+        """Known vectors of `texts` (e.g. the teacher's, from a capture): later `get`s use them, computing none."""
+        store = self._store.setdefault(key, {})
+        for t, v in zip(texts, np.asarray(vectors, dtype=np.float32)):
+            store[t] = v
+
     def clear(self) -> None:
         self._store.clear()
 
@@ -78,7 +106,7 @@ def _clean_prompt(p: Any) -> str | None:
 
 
 class ModelEmbedder(Embedder):
-    """A SentenceTransformer folder encoded with `leafkd.encode.encode`, with optional role prompts."""
+    """A SentenceTransformer folder encoded with `leafkd.runtime.encode.encode`, with optional role prompts."""
 
     def __init__(self, model, path: str | Path, *, name: str | None = None, query_prompt: str | None = None,
                  document_prompt: str | None = None, batch_tokens: int | None = None, device: str | None = None,
@@ -99,6 +127,10 @@ class ModelEmbedder(Embedder):
         get = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         return int(get())
 
+    @property
+    def max_seq_length(self) -> int:
+        return int(self.model.max_seq_length or 0)
+
     def prompt_for(self, role: str | None, prompts: bool = True) -> str | None:
         if not prompts:
             return None
@@ -114,6 +146,10 @@ class ModelEmbedder(Embedder):
                           show_progress=self.progress, desc=f"{self.name} {role or 'text'}")
 
         return self.cache.get((self.key, prompt), list(texts), compute)
+
+    def prefill(self, texts: Sequence[str], vectors: np.ndarray, role: str | None = "document") -> None:
+        """Vectors this model is known to give `texts` in `role` (computed elsewhere: never computed again)."""
+        self.cache.put((self.key, self.prompt_for(role)), texts, vectors)
 
     def describe(self) -> dict[str, Any]:
         return {"query": str(self.path), "document": str(self.path), "query_prompt": self.query_prompt,
@@ -140,7 +176,7 @@ class AsymmetricEmbedder(Embedder):
 
 @dataclass
 class RidgeMap:
-    """y = x @ W + b: a linear map from one embedding space into another."""
+    """y = x @ W + b (W [dx, dy]): a linear map from one embedding space into another; `alpha` is relative."""
 
     W: np.ndarray
     b: np.ndarray
@@ -182,33 +218,32 @@ def _vectors_of(source, texts: Sequence[str], batch_tokens: int | None, device: 
     return encode(source, list(texts), batch_tokens=batch_tokens, device=device)
 
 
-def fit_ridge_map(base_model, teacher, texts: Sequence[str], alpha: float = 1.0, *,
+def fit_ridge_map(base_model, teacher, texts: Sequence[str], alpha: float = 1e-2, *,
                   batch_tokens: int | None = None, device: str | None = None) -> RidgeMap:
-    """Closed-form ridge regression from the base student's vectors to the teacher's on `texts`.
+    """Ridge regression (`leafkd.vectors.ridge_fit`) from the base student's vectors to the teacher's on `texts`.
 
     `base_model` and `teacher` are SentenceTransformer models or `Embedder`s; `teacher` may also be an array of
-    precomputed teacher vectors, one row per text. W = (Xc'Xc + alpha I)^-1 Xc'Yc, b = mean(Y) - mean(X) W.
+    precomputed teacher vectors, one row per text. `alpha` is relative, as in training's projection warm start:
+    the penalty is alpha times the mean eigenvalue of the centred Gram matrix of the base vectors.
     """
     if len(texts) < 2:
         raise LeafkdError("the ridge map needs at least 2 training texts")
     X = _vectors_of(base_model, texts, batch_tokens, device).astype(np.float64)
     Y = _vectors_of(teacher, texts, batch_tokens, device).astype(np.float64)
-    mx, my = X.mean(0), Y.mean(0)
-    Xc, Yc = X - mx, Y - my
-    A = Xc.T @ Xc
-    A[np.diag_indices_from(A)] += alpha
-    W = np.linalg.solve(A, Xc.T @ Yc)
-    b = my - mx @ W
-    resid = Yc - Xc @ W
-    r2 = 1.0 - float((resid ** 2).sum() / max((Yc ** 2).sum(), 1e-12))
-    return RidgeMap(W, b, float(alpha), len(texts), r2)
+    W, b = ridge_fit(X, Y, alpha)
+    ridge = RidgeMap(W.T, b, float(alpha), len(texts))
+    residual = Y - X @ ridge.W - ridge.b
+    ridge.fit_r2 = 1.0 - float((residual ** 2).sum() / max(((Y - Y.mean(0)) ** 2).sum(), 1e-12))
+    return ridge
 
 
 def ridge_texts(data_dir: str | Path | None = None, n: int = 20000, seed: int = 0) -> list[str]:
     """A seeded sample of `n` unlabeled training texts from ``DATA/train`` (never evaluation data)."""
     from leafkd.data.sources import load_corpus
 
-    train = find_data_dir(data_dir) / "train"
+    root = find_data_dir(data_dir)
+    assert root is not None  # required: a missing data folder raises LeafkdError
+    train = root / "train"
     if not train.is_dir():
         raise LeafkdError(f"{train}: no such folder (the ridge baseline fits on unlabeled training text)")
     sources: list[str] = []
@@ -253,29 +288,37 @@ class ModelSet:
     info: dict[str, Any] = field(default_factory=dict)
     cache: EmbeddingCache = field(default_factory=EmbeddingCache)
 
-    def embedders(self, modes: Sequence[str]) -> dict[str, Embedder]:
+    def embedders(self, modes: Iterable[str]) -> dict[str, Embedder]:
+        """An embedder per mode, keyed by the mode's name; a mode whose models are missing is a `LeafkdError`."""
         out: dict[str, Embedder] = {}
-        need = {"teacher": ["teacher"], "student": ["student"], "asymmetric": ["student", "teacher"],
-                "base": ["base"], "ridge": ["base", "teacher"]}
-        for mode in modes:
-            if mode not in need:
-                raise LeafkdError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
-            lacking = [m for m in need[mode] if getattr(self, m) is None]
+        for mode in parse_modes(modes):
+            models = [getattr(self, name) for name in MODE_MODELS[mode]]
+            lacking = [name for name, m in zip(MODE_MODELS[mode], models) if m is None]
             if lacking:
-                raise LeafkdError(f"mode {mode!r} needs a {' and a '.join(lacking)} model (give --{lacking[0]})")
-            if mode == "teacher":
-                out[mode] = self.teacher
-            elif mode == "student":
-                out[mode] = self.student
-            elif mode == "asymmetric":
-                out[mode] = AsymmetricEmbedder(self.student, self.teacher, "asymmetric")
-            elif mode == "base":
-                out[mode] = self.base
-            elif mode == "ridge":
+                raise LeafkdError(f"mode {mode.value!r} needs a {' and a '.join(lacking)} model (give --{lacking[0]})")
+            if mode is Mode.ASYMMETRIC:
+                out[mode.value] = AsymmetricEmbedder(models[0], models[1], "asymmetric")
+            elif mode is Mode.RIDGE:
                 if self.ridge is None:
                     raise LeafkdError("mode 'ridge' needs a fitted ridge map (fit_ridge_map)")
-                out[mode] = AsymmetricEmbedder(LinearMapEmbedder(self.base, self.ridge), self.teacher, "ridge")
+                out[mode.value] = AsymmetricEmbedder(LinearMapEmbedder(models[0], self.ridge), models[1], "ridge")
+            else:
+                out[mode.value] = models[0]
         return out
+
+
+def _open_model(path: str | Path, name: str, query_prompt: str | None = None, *, device: str | None,
+                batch_tokens: int | None, cache: EmbeddingCache, progress: bool) -> ModelEmbedder:
+    """Load a model folder as an embedder with its own saved prompts; `query_prompt` overrides ("" for none)."""
+    from leafkd.models import load_model, resolve_model
+
+    folder = resolve_model(path)
+    model = load_model(folder, device=device)
+    prompts = model_prompts(model)
+    return ModelEmbedder(model, folder, name=name,
+                         query_prompt=query_prompt if query_prompt is not None else prompts.get("query"),
+                         document_prompt=prompts.get("document") or prompts.get("passage"),
+                         batch_tokens=batch_tokens, device=device, cache=cache, progress=progress)
 
 
 def load_models(teacher: str | Path | None = None, student: str | Path | None = None, base: str | Path | None = None,
@@ -284,14 +327,13 @@ def load_models(teacher: str | Path | None = None, student: str | Path | None = 
                 use_base: bool = True) -> ModelSet:
     """Load teacher/student/base; a student's ``leafkd.json`` supplies the teacher, base and query prompt.
 
-    Prompts: the teacher's query prompt is `teacher_query_prompt`, else leafkd.json's ``query_prompt``, else the
-    teacher's own ``prompts["query"]``; the student (and base) use their own ``prompts`` (training stores the query
-    prompt there) unless `student_query_prompt` is given ("" for none). STS never uses prompts.
+    Prompts: the teacher's query prompt is `teacher_query_prompt`, else leafkd.json's ``query_prompt`` (null: none),
+    else the teacher's own ``prompts["query"]``; the student uses its own ``prompts`` (training stores the query
+    prompt there) unless `student_query_prompt` is given ("" for none); the base uses its own. STS never uses
+    prompts.
     """
-    from leafkd.models import fingerprint, load_model, resolve_model
+    from leafkd.models import fingerprint, resolve_model
 
-    cache = EmbeddingCache()
-    info: dict[str, Any] = {}
     meta: dict[str, Any] = {}
     student_path = None
     if student is not None:
@@ -303,44 +345,25 @@ def load_models(teacher: str | Path | None = None, student: str | Path | None = 
             base = resolve_relative(meta.get("base"), student_path)
     if teacher is None and student is None:
         raise LeafkdError("give a --teacher or a --student model")
-    ms = ModelSet(cache=cache, info=info)
-
-    def load(path) -> tuple[Any, Path]:
-        p = resolve_model(path)
-        return load_model(p, device=device), p
-
+    ms = ModelSet()
+    open_model = partial(_open_model, device=device, batch_tokens=batch_tokens, cache=ms.cache, progress=progress)
     if teacher is not None:
-        model, p = load(teacher)
-        prompts = model_prompts(model)
-        tq = teacher_query_prompt if teacher_query_prompt is not None else meta.get("query_prompt", prompts.get("query"))
-        td = prompts.get("document") or prompts.get("passage")
-        ms.teacher = ModelEmbedder(model, p, name="teacher", query_prompt=tq, document_prompt=td,
-                                   batch_tokens=batch_tokens, device=device, cache=cache, progress=progress)
-        info["teacher"] = {"path": str(p), "fingerprint": meta.get("teacher_fingerprint") or fingerprint(p),
-                           "query_prompt": ms.teacher.query_prompt, "document_prompt": td, "dim": ms.teacher.dim,
-                           "max_seq_length": int(model.max_seq_length or 0)}
+        if teacher_query_prompt is None and "query_prompt" in meta:
+            teacher_query_prompt = meta["query_prompt"] or ""  # recorded at training; null means no prompt
+        t = ms.teacher = open_model(teacher, "teacher", teacher_query_prompt)
+        ms.info["teacher"] = {"path": str(t.path),
+                              "fingerprint": meta.get("teacher_fingerprint") or fingerprint(t.path),
+                              "query_prompt": t.query_prompt, "document_prompt": t.document_prompt, "dim": t.dim,
+                              "max_seq_length": t.max_seq_length}
     if student_path is not None:
-        model = load_model(student_path, device=device)
-        sprompts = model_prompts(model)
-        sq = student_query_prompt if student_query_prompt is not None else sprompts.get("query")
-        ms.student = ModelEmbedder(model, student_path, name="student", query_prompt=sq,
-                                   document_prompt=sprompts.get("document") or sprompts.get("passage"),
-                                   batch_tokens=batch_tokens, device=device, cache=cache, progress=progress)
-        info["student"] = {"path": str(student_path), "fingerprint": fingerprint(student_path),
-                           "query_prompt": ms.student.query_prompt, "dim": ms.student.dim,
-                           "max_seq_length": int(model.max_seq_length or 0),
-                           "leafkd_json": meta or None}
-        if ms.teacher is not None and ms.teacher.dim != ms.student.dim:
-            raise LeafkdError(f"{student_path}: the student emits {ms.student.dim}-d vectors, the teacher "
+        s = ms.student = open_model(student_path, "student", student_query_prompt)
+        ms.info["student"] = {"path": str(s.path), "fingerprint": fingerprint(s.path), "query_prompt": s.query_prompt,
+                              "dim": s.dim, "max_seq_length": s.max_seq_length, "leafkd_json": meta or None}
+        if ms.teacher is not None and ms.teacher.dim != s.dim:
+            raise LeafkdError(f"{student_path}: the student emits {s.dim}-d vectors, the teacher "
                               f"{ms.teacher.dim}-d; asymmetric retrieval needs the same space")
     if base is not None and use_base:
-        model, p = load(base)
-        prompts = model_prompts(model)
-        ms.base = ModelEmbedder(model, p, name="base", query_prompt=prompts.get("query"),
-                                document_prompt=prompts.get("document") or prompts.get("passage"),
-                                batch_tokens=batch_tokens, device=device, cache=cache, progress=progress)
-        info["base"] = {"path": str(p), "fingerprint": fingerprint(p), "dim": ms.base.dim,
-                        "max_seq_length": int(model.max_seq_length or 0)}
+        b = ms.base = open_model(base, "base")
+        ms.info["base"] = {"path": str(b.path), "fingerprint": fingerprint(b.path), "dim": b.dim,
+                           "max_seq_length": b.max_seq_length}
     return ms
-
-

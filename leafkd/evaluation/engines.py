@@ -7,11 +7,11 @@ symmetric mode this is plain MTEB STS; for ``asymmetric``/``ridge`` it measures 
 
 from __future__ import annotations
 
-import csv
 import importlib.util
-import sys
+import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -19,19 +19,25 @@ import numpy as np
 from leafkd.errors import LeafkdError
 from leafkd.evaluation.embedders import Embedder
 from leafkd.evaluation.metrics import retrieval_metrics, search, sts_metrics
-from leafkd.evaluation.tasks import RetrievalData, TaskData
+from leafkd.evaluation.tasks import RetrievalData, STSData, TaskData
+from leafkd.extras import MissingExtraError
 
-csv.field_size_limit(sys.maxsize)
+logger = logging.getLogger(__name__)
 
 
-ENGINES = ("mteb", "fast")
+class Engine(StrEnum):
+    """How tasks are scored: mteb itself (the reference) or the built-in numpy + pytrec_eval engine."""
+
+    MTEB = "mteb"
+    FAST = "fast"
 
 
 def task_vectors(embedder: Embedder, data: TaskData) -> tuple[np.ndarray, np.ndarray]:
     """(query vectors, document vectors) of a retrieval task, or (sentence1, sentence2) vectors of an STS task."""
     if isinstance(data, RetrievalData):
         return embedder.embed(data.query_texts, "query"), embedder.embed(data.doc_texts, "document")
-    return embedder.embed(data.sentences1, "query", prompts=False), embedder.embed(data.sentences2, "document", prompts=False)
+    return (embedder.embed(data.sentences1, "query", prompts=False),
+            embedder.embed(data.sentences2, "document", prompts=False))
 
 
 def fast_evaluate_task(embedder: Embedder, data: TaskData, backend: str = "auto",
@@ -75,36 +81,43 @@ def _task_metadata(data: TaskData):
 
 def mteb_task(data: TaskData, ignore_identical_ids: bool = True):
     """An mteb task whose ``load_data`` fills its dataset from the already-read local files."""
-    from datasets import Dataset
-
     if isinstance(data, RetrievalData):
-        from mteb.abstasks.retrieval import AbsTaskRetrieval
+        return _mteb_retrieval_task(data, ignore_identical_ids)
+    return _mteb_sts_task(data)
 
-        class LocalRetrieval(AbsTaskRetrieval):
-            metadata = _task_metadata(data)
 
-            def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
-                if self.data_loaded:
-                    return
-                corpus = Dataset.from_dict({"id": data.doc_ids, "title": [""] * len(data.doc_ids),
-                                            "text": data.doc_texts})
-                queries = Dataset.from_dict({"id": data.query_ids, "text": data.query_texts})
-                self.dataset = {"default": {"test": {"corpus": corpus, "queries": queries,
-                                                     "relevant_docs": {q: dict(r) for q, r in data.qrels.items()},
-                                                     "top_ranked": None}}}
-                self.data_loaded = True
+def _mteb_retrieval_task(data: RetrievalData, ignore_identical_ids: bool):
+    from datasets import Dataset
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
 
-        task = LocalRetrieval()
-        task.ignore_identical_ids = ignore_identical_ids
-        return task
+    class LocalRetrieval(AbsTaskRetrieval):
+        metadata = _task_metadata(data)
 
+        def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
+            if self.data_loaded:
+                return
+            corpus = Dataset.from_dict({"id": data.doc_ids, "title": [""] * len(data.doc_ids), "text": data.doc_texts})
+            queries = Dataset.from_dict({"id": data.query_ids, "text": data.query_texts})
+            self.dataset = {"default": {"test": {"corpus": corpus, "queries": queries,
+                                                 "relevant_docs": {q: dict(r) for q, r in data.qrels.items()},
+                                                 "top_ranked": None}}}
+            self.data_loaded = True
+
+    task = LocalRetrieval()
+    task.ignore_identical_ids = ignore_identical_ids
+    return task
+
+
+def _mteb_sts_task(data: STSData):
+    from datasets import Dataset
     from mteb.abstasks.sts import AbsTaskSTS
     from mteb.types import PromptType
 
     class LocalSTS(AbsTaskSTS):
         metadata = _task_metadata(data)
-        min_score = data.spec.score_range[0]
-        max_score = data.spec.score_range[1]
+        # mteb annotates these as int; a task's score range may be fractional (only used to rescale gold scores)
+        min_score = data.spec.score_range[0]  # type: ignore[assignment]
+        max_score = data.spec.score_range[1]  # type: ignore[assignment]
         # Route sentence1 to the query side and sentence2 to the document side (matters only for asymmetric modes).
         input1_prompt_type = PromptType.query
         input2_prompt_type = PromptType.document
@@ -141,8 +154,6 @@ def mteb_encoder(embedder: Embedder, name: str):
 def mteb_evaluate(embedder: Embedder, datas: Sequence[TaskData], name: str = "model",
                   ignore_identical_ids: bool = True) -> dict[str, dict[str, float]]:
     """Run mteb (offline, ``cache=None``) on local tasks; returns {task name: metrics}."""
-    import logging
-
     import datasets
     import mteb
 
@@ -161,19 +172,21 @@ def mteb_evaluate(embedder: Embedder, datas: Sequence[TaskData], name: str = "mo
     return out
 
 
-def resolve_engine(engine: str | None) -> str:
-    if engine in (None, "auto"):
-        return "mteb" if have_mteb() else "fast"
-    if engine not in ENGINES:
-        raise LeafkdError(f"unknown engine {engine!r} (use mteb or fast)")
-    if engine == "mteb" and not have_mteb():
-        raise LeafkdError("engine 'mteb' needs mteb installed (pip install 'leafkd[eval]'), or use --engine fast")
+def resolve_engine(engine: Engine | str | None) -> Engine:
+    """The engine to use: ``mteb`` when installed for None or ``"auto"``; asking for a missing mteb is an error."""
+    if engine is None or engine == "auto":
+        return Engine.MTEB if have_mteb() else Engine.FAST
+    try:
+        engine = Engine(engine)
+    except ValueError:
+        raise LeafkdError(f"unknown engine {engine!r} (use mteb or fast)") from None
+    if engine is Engine.MTEB and not have_mteb():
+        raise MissingExtraError("engine 'mteb' needs mteb installed (pip install 'leafkd[eval]'), or use --engine fast")
     return engine
 
 
-def evaluate(embedders: Mapping[str, Embedder], datas: Sequence[TaskData], engine: str | None = None, *,
-             ignore_identical_ids: bool = True, backend: str = "auto",
-             log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+def evaluate(embedders: Mapping[str, Embedder], datas: Sequence[TaskData], engine: Engine | str | None = None, *,
+             ignore_identical_ids: bool = True, backend: str = "auto") -> list[dict[str, Any]]:
     """Score each mode on each task; one row per mode with ``scores`` (main metric), ``metrics`` and ``average``."""
     engine = resolve_engine(engine)
     rows = []
@@ -182,17 +195,15 @@ def evaluate(embedders: Mapping[str, Embedder], datas: Sequence[TaskData], engin
         seconds: dict[str, float] = {}
         for data in datas:
             t0 = time.perf_counter()
-            if engine == "fast":
+            if engine is Engine.FAST:
                 metrics[data.name] = fast_evaluate_task(emb, data, backend, ignore_identical_ids)
             else:
                 metrics.update(mteb_evaluate(emb, [data], mode, ignore_identical_ids))
             seconds[data.name] = round(time.perf_counter() - t0, 2)
-            if log:
-                m = data.spec.metric
-                log(f"{mode:<10} {data.name:<14} {m} {100 * metrics[data.name][m]:6.2f}  ({seconds[data.name]:.1f}s)")
+            metric = data.spec.metric
+            logger.info(f"{mode:<10} {data.name:<14} {metric} {100 * metrics[data.name][metric]:6.2f}  "
+                        f"({seconds[data.name]:.1f}s)")
         scores = {d.name: metrics[d.name][d.spec.metric] for d in datas}
-        rows.append({"mode": mode, "encoders": emb.describe(), "engine": engine, "scores": scores,
+        rows.append({"mode": mode, "encoders": emb.describe(), "engine": engine.value, "scores": scores,
                      "average": float(np.mean(list(scores.values()))), "metrics": metrics, "seconds": seconds})
     return rows
-
-

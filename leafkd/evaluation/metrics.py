@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import math
-import sys
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from leafkd.vectors import normalize
-
-csv.field_size_limit(sys.maxsize)
 
 
 def search(Q: np.ndarray, D: np.ndarray, query_ids: Sequence[str], doc_ids: Sequence[str], top_k: int = 100,
@@ -38,7 +34,10 @@ def search(Q: np.ndarray, D: np.ndarray, query_ids: Sequence[str], doc_ids: Sequ
                 if j is not None:
                     S[r, j] = -np.inf
         kk = min(k + 1, S.shape[1]) if ignore_identical_ids else k  # one spare for an excluded id
-        part = np.argpartition(-S, kk - 1, axis=1)[:, :kk] if kk < S.shape[1] else np.tile(np.arange(S.shape[1]), (len(S), 1))
+        if kk < S.shape[1]:
+            part = np.argpartition(-S, kk - 1, axis=1)[:, :kk]
+        else:
+            part = np.tile(np.arange(S.shape[1]), (len(S), 1))
         for r, qid in enumerate(query_ids[start:start + chunk]):
             cand = part[r]
             cand = cand[np.isfinite(S[r, cand])]
@@ -54,7 +53,8 @@ class NegStr(str):
         return str.__gt__(self, other)
 
 
-def ndcg_at_k(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]], k: int = 10) -> dict[str, float]:
+def ndcg_at_k(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]],
+              k: int = 10) -> dict[str, float]:
     """Per-query nDCG@k exactly as trec_eval's ``ndcg_cut_k`` (linear gains, ties by doc id descending)."""
     out: dict[str, float] = {}
     for qid, rels in qrels.items():
@@ -68,7 +68,8 @@ def ndcg_at_k(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[
     return out
 
 
-def recall_at_k(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]], k: int = 100) -> dict[str, float]:
+def recall_at_k(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]],
+                k: int = 100) -> dict[str, float]:
     """Per-query recall@k over documents judged relevant (grade > 0)."""
     out: dict[str, float] = {}
     for qid, rels in qrels.items():

@@ -8,14 +8,6 @@ from typing import Any
 
 from leafkd.atomic import write_bytes, write_json, write_text
 
-MODE_LABELS = {
-    "teacher": "teacher",
-    "student": "student",
-    "asymmetric": "asymmetric (student queries, teacher docs)",
-    "base": "base student (before distillation)",
-    "ridge": "ridge map base->teacher (queries), teacher docs",
-}
-
 
 def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.2f}"

@@ -38,6 +38,8 @@ class TaskSpec:
     split: str = "test"  # qrels split (retrieval) or split-column value to keep (STS; "" keeps all rows)
     score_column: str = "score"
     score_range: tuple[float, float] = (0.0, 5.0)
+    queries: Path | None = None  # retrieval: a queries.jsonl and a qrels TSV apart from the corpus at `path`
+    qrels: Path | None = None
 
     @property
     def metric(self) -> str:
@@ -175,7 +177,7 @@ def load_task(spec: TaskSpec) -> TaskData:
     """Read one task's data; any problem is a one-line `LeafkdError` naming the file."""
     if spec.kind == "sts":
         return read_sts(spec)
-    rs = read_beir(spec.path, spec.split)
+    rs = read_beir(spec.path, spec.split, queries=spec.queries, qrels=spec.qrels)
     doc_ids = list(rs.corpus)
     doc_texts = [join_title(d.get("title"), d.get("text", "")) for d in rs.corpus.values()]
     query_ids = list(rs.queries)

@@ -2,13 +2,13 @@
 
 Notation: s_i the student's vector of text i, t_i the teacher's, B the batch, D the dimension.
 
-- `LeafL2Loss`      LEAF's alignment loss:        mean_i ||s_i - t_i||^2
-- `MSELoss`         per-dimension MSE:            mean_i (1/D) ||s_i - t_i||^2
-- `CosineLoss`      direction only:               mean_i (1 - cos(s_i, t_i))
-- `LELPLoss`        subspace projections (LELP):  mean_i T^2 KL( softmax(P t_i / T) || softmax(P s_i / T) )
-- `RelationalLoss`  in-batch relations:           mean_i tau^2 KL( softmax(t_i . t_j / tau)_j || softmax(s_i . t_j / tau)_j )
-- `BankRelationalLoss` relations to a fixed bank:  mean_i tau^2 KL( softmax(t_i . k_j / tau)_j || softmax(s_i . k_j / tau)_j )
-- `CombinedLoss`    sum_k w_k L_k, reporting each part.
+- `LeafL2Loss`          LEAF's alignment loss:     mean_i ||s_i - t_i||^2
+- `MSELoss`             per-dimension MSE:         mean_i (1/D) ||s_i - t_i||^2
+- `CosineLoss`          direction only:            mean_i (1 - cos(s_i, t_i))
+- `LELPLoss`            subspace projections:      mean_i T^2 KL(softmax(P t_i / T) || softmax(P s_i / T))
+- `RelationalLoss`      in-batch relations:        mean_i tau^2 KL(softmax(t_i.t_j / tau)_j || softmax(s_i.t_j / tau)_j)
+- `BankRelationalLoss`  relations to a fixed bank: mean_i tau^2 KL(softmax(t_i.k_j / tau)_j || softmax(s_i.k_j / tau)_j)
+- `CombinedLoss`        sum_k w_k L_k, reporting each part.
 
 Every loss is zero, with zero gradient, when the student equals the teacher.
 """

@@ -19,7 +19,7 @@ class CombinedLoss(nn.Module):
 
     def forward(self, student: Tensor, teacher: Tensor, keys: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         total = student.new_zeros(())
-        report: dict[str, float] = {}
+        report: dict[str, Tensor] = {}
         for name, module in self.losses.items():
             if keys is not None and isinstance(module, RelationalLoss):
                 value = module(student, teacher, keys) * self.weights[name]

@@ -20,6 +20,8 @@ class LELPHead(nn.Module):
     orthonormal S x S rotation spreads variance evenly over them. Each direction is a pseudo-subclass.
     """
 
+    directions: Tensor  # a buffer: it moves with the module, no gradient
+
     def __init__(self, directions: Tensor, classes: int, subclasses: int):
         super().__init__()
         self.register_buffer("directions", directions)
@@ -37,8 +39,8 @@ class LELPHead(nn.Module):
         q, _ = torch.linalg.qr(centroids.T)  # orthonormal basis of the class-mean span, [D, C]
         g = torch.Generator().manual_seed(seed + 1)
         blocks = []
-        for c in range(classes):
-            r = x[labels == c] - centroids[c]
+        for k in range(classes):
+            r = x[labels == k] - centroids[k]
             r = r - (r @ q) @ q.T
             s = min(subclasses, max(len(r), 1), d)
             if len(r) >= 2:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 
 def relational_kl(student: Tensor, teacher: Tensor, keys: Tensor, tau: float) -> Tensor:
-    """tau^2 * mean_i KL(softmax(t_i K^T / tau) || softmax(s_i K^T / tau)): how student i ranks the keys vs teacher i."""
+    """tau^2 * mean_i KL(softmax(t_i K^T / tau) || softmax(s_i K^T / tau)): student i ranks the keys as teacher i?"""
     log_p_s = F.log_softmax(student @ keys.T / tau, dim=-1)
     log_p_t = F.log_softmax(teacher @ keys.T / tau, dim=-1)
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * tau * tau
@@ -20,7 +20,8 @@ def relational_kl(student: Tensor, teacher: Tensor, keys: Tensor, tau: float) ->
 class RelationalLoss(nn.Module):
     """In-batch relations: the student query i should rank the batch's teacher documents as the teacher does.
 
-    logits_s = s t^T / tau, logits_t = t t^T / tau; loss = tau^2 * mean_i KL(softmax(logits_t_i) || softmax(logits_s_i)).
+    logits_s = s t^T / tau, logits_t = t t^T / tau;
+    loss = tau^2 * mean_i KL(softmax(logits_t_i) || softmax(logits_s_i)).
     Invariant to a rotation applied to both student and teacher.
     """
 
@@ -43,6 +44,8 @@ class BankRelationalLoss(nn.Module):
     bank holds each text's near neighbours, so the loss weighs the student's error by how it reorders them.
     loss = tau^2 * mean_i KL(softmax(t_i K^T / tau) || softmax(s_i K^T / tau)). Teacher vectors only: no labels.
     """
+
+    bank: Tensor  # a buffer: it moves with the module, no gradient
 
     def __init__(self, bank: Tensor | np.ndarray, temperature: float = 0.05):
         super().__init__()

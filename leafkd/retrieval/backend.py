@@ -7,7 +7,7 @@ Two backends implement it: `leafkd.retrieval.index.DocIndex` (FAISS + the SQLite
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -42,14 +42,11 @@ class InvalidDocumentError(DocumentError):
     """A document the index cannot take (metadata that is not a JSON object, a text over a backend's limit; 422)."""
 
 
-class Backend(str, Enum):
+class Backend(StrEnum):
     """Where the teacher's document vectors live."""
 
     FAISS = "faiss"  # an index folder: FAISS + SQLite on this machine
     MILVUS = "milvus"  # a Milvus collection (Milvus Lite file, or a cluster)
-
-    def __str__(self) -> str:
-        return self.value
 
     @classmethod
     def parse(cls, value: str | Backend) -> Backend:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -19,10 +20,13 @@ from leafkd.data.documents import Document, check_unique_ids, join_title, read_d
 from leafkd.errors import LeafkdError
 from leafkd.retrieval.faiss_utils import (
     add_vectors,
+    apply_search_params,
+    check_search_params,
     default_search_params,
     faiss_build_name,
     gpu_count,
     make_index,
+    probe_search,
     supports_ids,
     train_index,
 )
@@ -31,7 +35,9 @@ from leafkd.retrieval.manifest import (
     FORMAT,
     MANIFEST,
     NAME_RE,
+    check_indexes_dir,
     index_path,
+    read_manifest,
     utc_now,
     writer_lock,
 )
@@ -185,17 +191,44 @@ def new_manifest(name: str, corpus: CorpusVectors, count: int, *, factory: str, 
     }
 
 
+def check_target(folder: Path, overwrite: bool) -> None:
+    """Refuse a build that would replace anything but an existing leafkd index, and that only with ``overwrite``:
+    never another folder, a file, or a symbolic link (nor the folder it points at)."""
+    if not NAME_RE.match(folder.name):
+        raise LeafkdError(f"index name {folder.name!r}: use letters, digits, '.', '_' or '-' (not a path)")
+    check_indexes_dir(folder.parent)
+    if folder.is_symlink():
+        raise LeafkdError(f"{folder} is a symbolic link; leafkd builds and replaces only real index folders "
+                          "(remove the link, or build where it points)")
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise LeafkdError(f"{folder} exists and is not a folder; leafkd will not replace it")
+    try:
+        read_manifest(folder)
+    except LeafkdError as e:
+        raise LeafkdError(f"{folder} exists and is not a readable leafkd index ({e}); leafkd replaces only its own "
+                          "index folders, even with --overwrite") from None
+    if not overwrite:
+        raise LeafkdError(f"{folder}: an index already exists (use `leafkd index add`, or --overwrite to rebuild)")
+
+
 def read_corpus(folder: Path, corpus: str | Path | Sequence[Document], overwrite: bool) -> list[Document]:
     """The documents to index, after checking the index name and that no index would be replaced by accident."""
-    if not NAME_RE.match(folder.name):
-        raise LeafkdError(f"index name {folder.name!r}: use letters, digits, '.', '_' or '-'")
-    if (folder / MANIFEST).exists() and not overwrite:
-        raise LeafkdError(f"{folder}: an index already exists (use `leafkd index add`, or --overwrite to rebuild)")
+    check_target(folder, overwrite)
     docs = list(corpus) if not isinstance(corpus, (str, Path)) else read_documents(corpus)
     check_unique_ids(docs, corpus if isinstance(corpus, (str, Path)) else "documents")
     if not docs:
         raise LeafkdError("no documents to index")
     return docs
+
+
+def remove_embed_caches(folder: Path) -> None:
+    """Drop every resumable embedding cache of this index name (stale once an index of that name is written)."""
+    pattern = re.compile(rf"^\.{re.escape(folder.name)}\.embed-[0-9a-f]{{12}}$")
+    for p in folder.parent.iterdir():
+        if pattern.match(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def build_index(name_or_path: str | Path, corpus: str | Path | Sequence[Document], *, teacher: str | Path | None = None,
@@ -211,6 +244,7 @@ def build_index(name_or_path: str | Path, corpus: str | Path | Sequence[Document
     ``gpu=None`` uses a GPU when FAISS sees one. ``fp16`` marks the index to be searched in float16 on GPUs.
     """
     folder = index_path(name_or_path, indexes_dir)
+    check_search_params(search_params)  # before any embedding
     docs = read_corpus(folder, corpus, overwrite)
     use_gpu = gpu_count() > 0 if gpu is None else bool(gpu)
     if use_gpu and gpu_count() == 0:
@@ -223,14 +257,17 @@ def build_index(name_or_path: str | Path, corpus: str | Path | Sequence[Document
                                    query_prompt=query_prompt, device=device, show_progress=show_progress)
     t0 = time.perf_counter()
     index, labels, keys, where = populate(factory, embedded.vectors, use_gpu)
+    apply_search_params(index, default_search_params(factory))
+    apply_search_params(index, search_params, strict=True)  # what the user asked for must exist and work
+    probe_search(index)
     built_with = faiss_build_name() + (f" (trained on {where.upper()})" if where != "cpu" or use_gpu else "")
     logger.info("built %s over %d vectors in %.1fs with %s", factory, index.ntotal, time.perf_counter() - t0,
                 built_with)
     manifest = new_manifest(folder.name, embedded, len(docs), factory=factory, labels=labels, built_with=built_with,
                             doc_prompt=doc_prompt, query_prompt=query_prompt, search_params=search_params, fp16=fp16)
     with writer_lock(folder):
+        check_target(folder, overwrite)  # again: another process may have made it while we embedded
         with atomic_dir(folder) as tmp:  # issue 20: base + keys + SQLite document store (leafkd.retrieval.segments)
             write_json(tmp / MANIFEST, write_new_index(tmp, manifest, index, docs, keys))
-    if embedded.work_dir is not None:
-        shutil.rmtree(embedded.work_dir, ignore_errors=True)
+        remove_embed_caches(folder)
     return folder

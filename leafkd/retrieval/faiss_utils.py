@@ -55,16 +55,62 @@ def ivf_nlist(index) -> int | None:
     return int(ivf.nlist) if ivf is not None else None
 
 
-def apply_search_params(index, params: dict[str, Any] | None, gpu: bool = False) -> None:
-    """Set search-time knobs (``nprobe``, ``efSearch``, ...) where the index has them."""
+# Search-time knobs whose valid values FAISS does not check itself: with nprobe <= 0 every IVF search fails, with
+# efSearch <= 0 HNSW returns nothing, and huge values overflow FAISS's int fields.
+_PARAM_RANGES: dict[str, tuple[float, bool]] = {  # name -> (minimum, integer only)
+    "nprobe": (1, True), "efSearch": (1, True), "quantizer_efSearch": (1, True), "quantizer_nprobe": (1, True),
+    "max_codes": (0, True), "k_factor": (1, False), "k_factor_rf": (1, False),
+}
+_PARAM_MAX = 2**31 - 1
+
+
+def search_param_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` is not a valid value of search parameter ``key`` (None when it is)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        return f"search parameter {key}={value!r}: must be a finite number"
+    low, integer = _PARAM_RANGES.get(key, (-_PARAM_MAX, False))
+    if integer and not float(value).is_integer():
+        return f"search parameter {key}={value}: must be an integer"
+    if not low <= value <= _PARAM_MAX:
+        return f"search parameter {key}={value}: must be between {low} and {_PARAM_MAX}"
+    return None
+
+
+def check_search_params(params: dict[str, Any] | None) -> dict[str, Any]:
+    """``params`` if every value is valid for its knob (see `search_param_problem`), else a one-line error."""
+    for key, value in (params or {}).items():
+        problem = search_param_problem(str(key), value)
+        if problem:
+            raise LeafkdError(problem)
+    return dict(params or {})
+
+
+def apply_search_params(index, params: dict[str, Any] | None, gpu: bool = False, strict: bool = False) -> None:
+    """Set search-time knobs (``nprobe``, ``efSearch``, ...) where the index has them.
+
+    A value FAISS would accept and then fail on (``nprobe=-5``) is a one-line `LeafkdError`. A knob the index does
+    not have (``nprobe`` on a flat index) is skipped, or an error with ``strict`` (what a user asked for at build).
+    """
     if not params:
         return
+    check_search_params(params)
     space = faiss.GpuParameterSpace() if gpu and hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
     for key, value in params.items():
         try:
             space.set_index_parameter(index, key, value)
         except Exception:
-            pass  # a knob the index does not have (nprobe on a flat index) is not an error
+            if strict:
+                raise LeafkdError(f"search parameter {key}: this index type has no such knob") from None
+
+
+def probe_search(index) -> None:
+    """One search of a zero vector, so search parameters FAISS rejects fail here, as a one-line error."""
+    if index.ntotal == 0:
+        return
+    try:
+        index.search(np.zeros((1, index.d), dtype=np.float32), 1)
+    except Exception as e:
+        raise LeafkdError(f"FAISS cannot search this index with its search parameters ({faiss_error(e)})") from None
 
 
 def default_search_params(factory: str) -> dict[str, Any]:

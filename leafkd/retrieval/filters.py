@@ -20,7 +20,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from leafkd.errors import LeafkdError
@@ -36,7 +36,7 @@ class FilterError(LeafkdError):
     """A filter that is not valid (HTTP 422)."""
 
 
-class Op(str, Enum):
+class Op(StrEnum):
     """A comparison on one metadata field."""
 
     EQ = "eq"
@@ -46,9 +46,6 @@ class Op(str, Enum):
     LT = "lt"
     LTE = "lte"
     IN = "in"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 SQL_OPS = {Op.EQ: "=", Op.NE: "!=", Op.GT: ">", Op.GTE: ">=", Op.LT: "<", Op.LTE: "<="}

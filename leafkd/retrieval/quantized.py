@@ -20,7 +20,7 @@ deletes, filters and compaction work as for any index.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -35,25 +35,19 @@ SQ8_TRAIN_MAX = 100_000
 CHUNK = 65536
 
 
-class Precision(str, Enum):
+class Precision(StrEnum):
     """What the in-memory search index holds."""
 
     INT8 = "int8"
     BINARY = "binary"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Rescore(str, Enum):
+class Rescore(StrEnum):
     """Which document vectors (on disk) rescore the candidates."""
 
     NONE = "none"
     INT8 = "int8"
     FLOAT32 = "float32"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 DEFAULT_RESCORE = {Precision.BINARY: Rescore.INT8, Precision.INT8: Rescore.FLOAT32}

@@ -19,6 +19,35 @@ from leafkd.vectors import normalize
 # Up to this many queries are embedded in one forward pass; larger inputs are sorted by length and chunked.
 DIRECT_MAX = 512
 
+# CPU: what one more forward pass costs, in padded tokens (a few ms of per-call work over six or twelve layers).
+# Queries are grouped by length so that padding never costs more than that (`length_groups`).
+CPU_CALL_TOKENS = 48
+# CPU: most padded tokens in one forward pass (bounds its activations: a few MB per thousand tokens).
+CPU_GROUP_TOKENS = 8192
+
+
+def length_groups(lengths: Sequence[int], call_tokens: int = CPU_CALL_TOKENS,
+                  group_tokens: int = CPU_GROUP_TOKENS) -> list[list[int]]:
+    """Indices of texts grouped for padded forward passes on the CPU: sorted by length, a new group whenever
+    padding the next text into the current group would cost more padded tokens than a forward pass of its own
+    (``call_tokens``), or the group would pass ``group_tokens`` padded tokens.
+
+    One padded batch of mixed lengths spends most of its work on padding (200 queued queries padded to the
+    longest one were slower than one at a time); groups of similar length are not, and each costs one call.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    width = 0
+    for i in order:
+        n = max(lengths[i], 1)
+        grow = len(groups[-1]) * (n - width) if groups else 0  # the group is padded to the new, longer width
+        if not groups or grow > call_tokens or (len(groups[-1]) + 1) * n > group_tokens:
+            groups.append([i])
+        else:
+            groups[-1].append(i)
+        width = n
+    return groups
+
 
 class QueryEncoder:
     """Embeds queries with low latency; vectors come back float32 and L2-normalised.
@@ -210,7 +239,11 @@ class QueryEncoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._lock:
             token_ids = self.tokenize(texts)
-            if len(token_ids) <= DIRECT_MAX:
+            if self.device.type != "cuda" and len(token_ids) > 1:
+                out = np.empty((len(token_ids), self.dim), dtype=np.float32)
+                for group in length_groups([len(t) for t in token_ids]):
+                    out[group] = self._run([token_ids[i] for i in group])
+            elif len(token_ids) <= DIRECT_MAX:
                 out = self._run(token_ids)
             else:  # many texts: similar lengths together, so padding stays small
                 order = np.argsort([-len(t) for t in token_ids], kind="stable")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Sequence
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +30,12 @@ from leafkd.student.info import read_student_info
 logger = logging.getLogger(__name__)
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     """Which model embeds the queries, and which index it may search."""
 
     ASYMMETRIC = "asymmetric"  # a student over its teacher's index
     TEACHER = "teacher"  # the teacher over the index it built
     STUDENT = "student"  # a student over an index it built itself
-
-    def __str__(self) -> str:
-        return self.value
 
     @classmethod
     def parse(cls, value: str | Mode) -> Mode:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
@@ -10,7 +10,7 @@ from leafkd.errors import LeafkdError
 from leafkd.runtime import distributed
 
 
-class DType(str, Enum):
+class DType(StrEnum):
     """The dtype an encoder runs in (`dtype=` of encoding and capture); auto: bf16 on CUDA, fp32 elsewhere.
 
     torch's long names (bfloat16, float16, float32) are accepted too.
@@ -26,7 +26,7 @@ class DType(str, Enum):
         return {"bfloat16": cls.BF16, "float16": cls.FP16, "float32": cls.FP32}.get(str(value))
 
 
-class Precision(str, Enum):
+class Precision(StrEnum):
     """Training's precision option: auto (bf16 autocast on CUDA, none elsewhere), bf16 or fp32 (no autocast)."""
 
     AUTO = "auto"

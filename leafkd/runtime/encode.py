@@ -86,11 +86,14 @@ def _forward(model: SentenceTransformer, packed: bool, compile: bool,
 
 def _run(model: SentenceTransformer, items: Iterator[tuple[np.ndarray, BatchInputs]], n: int, *,
          device: torch.device, dtype: DType | str | torch.dtype | None, packed: bool, compile: bool = False,
-         progress: Callable[[int], None] | None) -> np.ndarray:
-    """Forward every batch of `items`; float32 [n, dim] with each batch's vectors in its rows.
+         progress: Callable[[int], None] | None, out: np.ndarray | None = None, normalize: bool = False,
+         on_rows: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+    """Forward every batch of `items`; each batch's vectors land in its rows of `out` (float32 [n, dim] when not
+    given; a given array keeps its dtype: a float16 one receives float16 straight from the device).
 
     On CUDA each batch's vectors go back to pinned host memory asynchronously and are stored one batch
-    later, so the GPU is already running the next batch while the host copies this one out.
+    later, so the GPU is already running the next batch while the host copies this one out. ``normalize``
+    L2-normalises on the device; `on_rows` is called with the rows of each batch once they are in `out`.
     """
     dt = inference_dtype(device, dtype)
     was_training = model.training
@@ -101,7 +104,7 @@ def _run(model: SentenceTransformer, items: Iterator[tuple[np.ndarray, BatchInpu
     param_dtype = next(model.parameters()).dtype
     use_autocast = dt != torch.float32 and param_dtype == torch.float32
     cuda = device.type == "cuda"
-    out: np.ndarray | None = None
+    host_dtype = torch.from_numpy(np.zeros(0, dtype=out.dtype)).dtype if out is not None else torch.float32
     pending: list[tuple[np.ndarray, torch.Tensor, torch.cuda.Event | None]] = []
 
     def finish() -> None:
@@ -113,21 +116,25 @@ def _run(model: SentenceTransformer, items: Iterator[tuple[np.ndarray, BatchInpu
         if out is None:
             out = np.empty((n, emb.shape[1]), dtype=np.float32)
         out[rows] = emb
+        if on_rows is not None:
+            on_rows(rows)
         if progress is not None:
             progress(len(rows))
 
     try:
         with torch.inference_mode(), torch.autocast(device.type, dtype=dt, enabled=use_autocast):
             for rows, inputs in items:
-                emb = forward(inputs)
+                emb = forward(inputs).float()
+                if normalize:
+                    emb = torch.nn.functional.normalize(emb, dim=-1, eps=1e-12)
                 event = None
                 if cuda:
-                    host = torch.empty(emb.shape, dtype=torch.float32, pin_memory=True)
-                    host.copy_(emb.float(), non_blocking=True)
+                    host = torch.empty(emb.shape, dtype=host_dtype, pin_memory=True)
+                    host.copy_(emb.to(host_dtype), non_blocking=True)
                     event = torch.cuda.Event()
                     event.record()
                 else:
-                    host = emb.float()
+                    host = emb.to(host_dtype)
                 if pending:
                     finish()
                 pending.append((rows, host, event))
@@ -157,12 +164,17 @@ def encode(model: SentenceTransformer, texts: Sequence[str], *, prompt: str | No
            dtype: DType | str | torch.dtype | None = None, show_progress: bool = False, desc: str = "encode",
            chunk_texts: int = 16384, packed: bool | None = None, stats: dict[str, int] | None = None,
            progress: Callable[[int], None] | None = None, compile: bool = False,
-           workers: int | None = None) -> np.ndarray:
-    """Embed texts with a SentenceTransformer; float32 [len(texts), dim] in input order.
+           workers: int | None = None, out: np.ndarray | None = None, normalize: bool = False,
+           on_rows: Callable[[np.ndarray], None] | None = None, segment: int | None = None) -> np.ndarray:
+    """Embed texts with a SentenceTransformer; float32 [len(texts), dim] in input order (or into `out`).
 
     Tokenisation is pipelined with the forward passes: `chunk_texts` texts at a time are tokenised (for large
     inputs by `workers` tokenizer processes, see `tokenized_chunks`), cut into length-sorted batches and packed
-    by a background thread while the device runs the previous ones. `stats`, when given, receives the
+    by a background thread while the device runs the previous ones. Chunks finish in input order, so a
+    consumer of `on_rows` (called with each batch's rows once they are in `out`) sees complete prefixes grow.
+    With `segment`, texts are taken `segment` at a time, each tokenised and batched exactly as its own call
+    would (so a segment's vectors do not depend on what came before it: a resumed capture recomputes a shard
+    bit for bit), in one device pipeline that never drains between segments. `stats`, when given, receives the
     truncation count and the real token count.
     """
     device = torch.device(device) if device is not None else model.device
@@ -171,18 +183,27 @@ def encode(model: SentenceTransformer, texts: Sequence[str], *, prompt: str | No
     pad_id = model.tokenizer.pad_token_id or 0
     counts = {"truncated": 0, "tokens": 0}
 
-    # Started here, in the calling thread (a pool of tokenizer processes, when the input is large).
-    chunks = tokenized_chunks(model, texts, prompt=prompt, chunk=chunk_texts, workers=workers)
+    step = segment or max(len(texts), 1)
+
+    def segment_chunks(start: int) -> Iterator[tuple[Tokenized, int]]:
+        return tokenized_chunks(model, texts[start : start + step], prompt=prompt, chunk=chunk_texts, workers=workers)
+
+    # Started here, in the calling thread (a pool of tokenizer processes, when the input is large); later
+    # segments reuse that pool from the prefetch thread.
+    chunks = segment_chunks(0)
     first = next(chunks, None)
 
     def items() -> Iterator[tuple[np.ndarray, BatchInputs]]:
         start = 0
-        for tokens, truncated in itertools.chain([first] if first is not None else [], chunks):
-            counts["truncated"] += truncated
-            counts["tokens"] += int(tokens.lengths.sum())
-            base = np.arange(start, start + len(tokens))
-            start += len(tokens)
-            yield from batch_items(tokens, batch_tokens, packed, pad_id, device.type == "cuda", base)
+        for seg in range(0, len(texts), step):
+            head = [first] if first is not None else []
+            seg_chunks = itertools.chain(head, chunks) if seg == 0 else segment_chunks(seg)
+            for tokens, truncated in seg_chunks:
+                counts["truncated"] += truncated
+                counts["tokens"] += int(tokens.lengths.sum())
+                base = np.arange(start, start + len(tokens))
+                start += len(tokens)
+                yield from batch_items(tokens, batch_tokens, packed, pad_id, device.type == "cuda", base)
 
     bar = None
     if show_progress:
@@ -191,7 +212,8 @@ def encode(model: SentenceTransformer, texts: Sequence[str], *, prompt: str | No
         bar = tqdm(total=len(texts), desc=desc, unit="text", smoothing=0.05)
     try:
         out = _run(model, prefetch_iter(items()), len(texts), device=device, dtype=dtype, packed=packed,
-                   compile=compile, progress=bar.update if bar else progress)
+                   compile=compile, progress=bar.update if bar else progress, out=out, normalize=normalize,
+                   on_rows=on_rows)
     finally:
         if bar is not None:
             bar.close()

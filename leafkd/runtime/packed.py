@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,7 +42,7 @@ _ARCHS = ("bert", "mpnet")
 _PADDED_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
-class Attention(str, Enum):
+class Attention(StrEnum):
     """How a packed forward runs attention (`PackedForward.attention`; None there picks per call)."""
 
     VARLEN = "varlen"  # flash attention over the packed row (CUDA, half precision, no position bias)

@@ -1,13 +1,14 @@
 """The search server: a FastAPI app over a `Retriever`, with a micro-batcher in front of the encoder and FAISS.
 
 Concurrency model: request handlers only validate and enqueue; one worker thread owns the encoder and the index
-(GPU streams and FAISS GPU indexes must not be driven from several threads) and serves whatever requests are
-queued as one batch: one forward pass, one FAISS search. When the server is idle a query is served at once; once
-requests overlap (the previous batch held more than one), the worker also waits up to ``max_wait_ms`` to gather a
-larger batch, so throughput rises with load while single queries stay fast.
+(GPU streams and FAISS GPU indexes must not be driven from several threads) and serves the queued requests in
+slices (`leafkd.server.batcher`): one forward pass, one FAISS search per slice. When the server is idle a query is
+served at once; once requests overlap, the worker also waits up to ``max_wait_ms`` to gather a fuller slice, so
+throughput rises with load while single queries stay fast. Large answers are built off the event loop.
 
-Endpoints: ``POST /search``, ``POST /embed``, ``GET /health``, ``GET /stats`` (and FastAPI's ``/openapi.json``,
-``/docs``). Bad input always gets a 4xx JSON body ``{"error": ..., "detail": ...}``.
+Endpoints: ``POST /search``, ``POST /embed``, ``GET /health``, ``GET /stats``, ``GET /openapi.json`` (and with
+``docs=True`` the ``/docs`` and ``/redoc`` pages, whose scripts the browser loads from a CDN). Bad input always
+gets a 4xx JSON body ``{"error": ..., "detail": ...}``; no path redirects (``/search/`` is a 404, not a 307).
 """
 
 from contextlib import asynccontextmanager
@@ -16,20 +17,25 @@ from fastapi import FastAPI
 
 from leafkd import __version__
 from leafkd.retrieval.retriever import Retriever
+from leafkd.server.auth import api_key_dependencies
 from leafkd.server.batcher import MicroBatcher
 from leafkd.server.errors import add_error_handlers
+from leafkd.server.guard import Guard
 from leafkd.server.limits import Limits
-from leafkd.server.routes import add_query_routes, add_status_routes, api_key_dependencies
+from leafkd.server.routes import add_query_routes, add_status_routes
 from leafkd.server.schemas import request_models
-from leafkd.server.stats import Guard, Stats
+from leafkd.server.stats import Stats
 
 
 def create_app(retriever: Retriever, *, api_key: str | None = None, limits: Limits | None = None,
-               max_batch: int = 256, max_wait_ms: float = 2.0, warmup: bool = True) -> FastAPI:
-    """The FastAPI app: ``/search``, ``/embed``, ``/health``, ``/stats``; ``api_key`` protects all but /health."""
+               max_batch: int = 256, max_wait_ms: float = 2.0, warmup: bool = True, docs: bool = False,
+               slice_tokens: int | None = None) -> FastAPI:
+    """The FastAPI app: ``/search``, ``/embed``, ``/health``, ``/stats``; ``api_key`` protects all but /health
+    (and /openapi.json). ``slice_tokens``: see `MicroBatcher` (None: by the encoder's device)."""
     limits = limits or Limits()
     stats = Stats()
-    batcher = MicroBatcher(retriever, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=limits.max_queue)
+    batcher = MicroBatcher(retriever, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=limits.max_queue,
+                           slice_tokens=slice_tokens)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -39,13 +45,15 @@ def create_app(retriever: Retriever, *, api_key: str | None = None, limits: Limi
         yield
         batcher.stop()
 
-    app = FastAPI(title="leafkd search", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="leafkd search", version=__version__, lifespan=lifespan, redirect_slashes=False,
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
                   description="Asymmetric retrieval: teacher-embedded documents, student-embedded queries.")
     add_error_handlers(app)
     protected = api_key_dependencies(api_key)
-    add_query_routes(app, retriever, batcher, request_models(limits), protected)
+    add_query_routes(app, retriever, batcher, request_models(limits), protected, limits)
     add_status_routes(app, retriever, batcher, stats, limits, protected)
     app.state.batcher = batcher
     app.state.stats = stats
-    app.add_middleware(Guard, stats=stats, max_body=limits.max_body_bytes)
+    routes = {getattr(r, "path", "") for r in app.routes}
+    app.add_middleware(Guard, stats=stats, max_body=limits.max_body_bytes, routes=routes)
     return app

@@ -7,6 +7,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from leafkd.errors import LeafkdError
 from leafkd.server.batcher import Overloaded
+from leafkd.server.responses import ResponseTooLarge
 
 
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -34,8 +35,13 @@ async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
     return JSONResponse({"error": "server overloaded, retry later"}, status_code=503, headers={"Retry-After": "1"})
 
 
+async def too_large(request: Request, exc: ResponseTooLarge) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=422)
+
+
 def add_error_handlers(app: FastAPI) -> None:
     app.exception_handler(RequestValidationError)(invalid_request)
     app.exception_handler(StarletteHTTPException)(http_error)
     app.exception_handler(LeafkdError)(user_error)
     app.exception_handler(Overloaded)(overloaded)
+    app.exception_handler(ResponseTooLarge)(too_large)

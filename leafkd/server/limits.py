@@ -14,7 +14,8 @@ class Limits:
     max_query_chars: int = 2048
     max_queries: int = 256  # per request
     max_top_k: int = 1000
-    max_body_bytes: int = 4 << 20
+    # queries x top_k per request: 256 queries x top_k 1000 with texts made a 231 MB answer
+    max_hits: int = 10_000
+    max_response_bytes: int = 64 << 20
+    max_body_bytes: int = 4 << 20  # counted as the body arrives, chunked or not
     max_queue: int = 20_000  # queued queries before new requests get 503
-
-

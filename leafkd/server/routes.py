@@ -2,43 +2,24 @@
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations as real types at runtime.
 
-import hmac
 import time
 from typing import Any
 
-import numpy as np
-from fastapi import Depends, FastAPI
+import torch
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from fastapi.security import APIKeyHeader
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from leafkd.retrieval.retriever import Retriever
 from leafkd.server.batcher import MicroBatcher
-from leafkd.server.limits import API_KEY_HEADER, Limits
+from leafkd.server.limits import Limits
+from leafkd.server.responses import embed_response, search_response
 from leafkd.server.schemas import ERROR_RESPONSES, EmbedResponse, RequestModels, SearchResponse
 from leafkd.server.stats import Stats
 
 
-def api_key_dependencies(api_key: str | None) -> list[Any]:
-    """Route dependencies that require the ``X-API-Key`` header to be ``api_key`` (none without a key)."""
-    if api_key is None:
-        return []
-    key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="the server's API key")
-
-    async def require_key(key: str | None = Depends(key_header)) -> None:
-        if not key or not hmac.compare_digest(key.encode("utf-8", "replace"), api_key.encode("utf-8")):
-            raise StarletteHTTPException(401, "missing or wrong API key (header X-API-Key)")
-
-    return [Depends(require_key)]
-
-
-def elapsed_ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 3)
-
-
 def add_query_routes(app: FastAPI, retriever: Retriever, batcher: MicroBatcher, models: RequestModels,
-                     protected: list[Any]) -> None:
-    """``/search`` and ``/embed``: validated requests go to the micro-batcher."""
+                     protected: list[Any], limits: Limits) -> None:
+    """``/search`` and ``/embed``: validated requests go to the micro-batcher; answers are size-bounded."""
     # The request classes are made per app from its Limits, so mypy cannot take them as annotations.
 
     @app.post("/search", response_model=SearchResponse, responses=ERROR_RESPONSES, dependencies=protected)
@@ -47,16 +28,14 @@ def add_query_routes(app: FastAPI, retriever: Retriever, batcher: MicroBatcher, 
         t0 = time.perf_counter()
         texts = req.texts()
         hits = await batcher.submit("search", texts, req.top_k)
-        results = [{"query": q, "hits": [h.to_dict(req.include_text) for h in hs]} for q, hs in zip(texts, hits)]
-        return JSONResponse({"results": results, "mode": retriever.mode, "took_ms": elapsed_ms(t0)})
+        return await search_response(texts, hits, req.include_text, retriever.mode, t0, limits.max_response_bytes)
 
     @app.post("/embed", response_model=EmbedResponse, responses=ERROR_RESPONSES, dependencies=protected)
     async def embed(req: models.embed):  # type: ignore[name-defined]
         """Query-encoder embeddings (normalised), in the index's vector space."""
         t0 = time.perf_counter()
         vecs = await batcher.submit("embed", req.all())
-        return JSONResponse({"embeddings": np.round(vecs, 7).tolist(), "dim": int(vecs.shape[1]),
-                             "model": retriever.encoder.name, "took_ms": elapsed_ms(t0)})
+        return await embed_response(vecs, retriever.encoder.name, t0, limits.max_response_bytes)
 
 
 def stats_report(retriever: Retriever, batcher: MicroBatcher, stats: Stats, limits: Limits) -> dict[str, Any]:
@@ -73,7 +52,7 @@ def stats_report(retriever: Retriever, batcher: MicroBatcher, stats: Stats, limi
                     "max_wait_ms": batcher.max_wait * 1000},
         "index": {"documents": retriever.index.count, "dim": retriever.index.dim, "factory": info["factory"],
                   "bytes": retriever.index.nbytes(), "device": retriever.index.device, "path": info["index"]},
-        "encoder": {"model": info["encoder"], "device": info["encoder_device"]},
+        "encoder": {"model": info["encoder"], "device": info["encoder_device"], "threads": torch.get_num_threads()},
         "mode": retriever.mode,
         "limits": limits.__dict__,
     }

@@ -1,8 +1,31 @@
-"""Running the app under uvicorn with a graceful shutdown on SIGINT/SIGTERM."""
+"""Running the app under uvicorn with a graceful shutdown on SIGINT/SIGTERM; binding its socket first."""
 
 from __future__ import annotations
 
+import socket
 import threading
+
+from leafkd.errors import LeafkdError
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (not listening yet: connections are refused until the server is ready).
+    Binding before the slow model load makes a busy port or an unknown host a one-line error at once."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as e:
+        raise LeafkdError(f"--host {host}: cannot resolve it ({getattr(e, 'strerror', None) or e})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise LeafkdError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    return sock
 
 
 def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning", sock=None,

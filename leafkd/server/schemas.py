@@ -2,6 +2,7 @@
 
 # No `from __future__ import annotations`: FastAPI and pydantic read these annotations as real types at runtime.
 
+import unicodedata
 from typing import Annotated, Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -9,16 +10,22 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from leafkd.server.limits import Limits
 
 
+def has_visible(text: str) -> bool:
+    """Whether a text has a character that is neither whitespace nor a control/format character (NUL, ...)."""
+    return any(not unicodedata.category(c).startswith(("C", "Z")) for c in text)
+
+
 def one_or_batch(one: str | None, batch: list[str] | None, names: tuple[str, str]) -> list[str]:
     """The texts of a request that gives exactly one of a single text and a batch (``names``: their fields);
-    blank texts and texts that are not valid Unicode (lone surrogates from JSON escapes) are refused."""
+    blank texts (whitespace or control characters only) and texts that are not valid Unicode (lone surrogates
+    from JSON escapes) are refused."""
     if (one is None) == (batch is None):
         raise ValueError(f"give exactly one of '{names[0]}' or '{names[1]}'")
     texts = [one] if one is not None else list(batch or [])
     what = names[1]
     for t in texts:
-        if not t.strip():
-            raise ValueError(f"{what} must not be empty or only whitespace")
+        if not has_visible(t):
+            raise ValueError(f"{what} must not be empty or only whitespace or control characters")
         try:
             t.encode("utf-8")
         except UnicodeEncodeError:
@@ -71,7 +78,7 @@ def request_models(limits: Limits) -> RequestModels:
     Text = Annotated[str, Field(min_length=1, max_length=limits.max_query_chars)]
 
     class SearchRequest(BaseModel):
-        """One query (``query``) or a batch (``queries``)."""
+        """One query (``query``) or a batch (``queries``); queries x ``top_k`` is limited too."""
 
         model_config = ConfigDict(extra="forbid")
         query: Text | None = Field(None, description="a single query")
@@ -82,7 +89,10 @@ def request_models(limits: Limits) -> RequestModels:
 
         @model_validator(mode="after")
         def _one_of(self):
-            one_or_batch(self.query, self.queries, ("query", "queries"))
+            n = len(one_or_batch(self.query, self.queries, ("query", "queries")))
+            if n * self.top_k > limits.max_hits:
+                raise ValueError(f"{n} queries x top_k {self.top_k} = {n * self.top_k} hits, over this server's "
+                                 f"limit of {limits.max_hits} per request: send fewer queries or a smaller top_k")
             return self
 
         def texts(self) -> list[str]:

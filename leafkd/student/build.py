@@ -26,7 +26,7 @@ def truncate_layers(transformer: Transformer, layers: int) -> None:
     auto = transformer.auto_model
     encoder = getattr(auto, "encoder", None)
     blocks = getattr(encoder, "layer", None)
-    if blocks is None:
+    if encoder is None or blocks is None:
         raise LeafkdError(f"cannot truncate layers of a {type(auto).__name__}: no encoder.layer list")
     if not 1 <= layers <= len(blocks):
         raise LeafkdError(f"student_layers={layers}, but the base has {len(blocks)} layers")

@@ -29,7 +29,9 @@ def export_pair(student: str | Path, teacher: str | Path | None, out: str | Path
         raise LeafkdError(f"{teacher_path}: fingerprint {fp[:12]} is not the student's teacher "
                           f"({str(info.get('teacher_fingerprint'))[:12]})")
     query_model, doc_model = load_model(student_path, device="cpu"), load_model(teacher_path, device="cpu")
-    router = Router.for_query_document(query_modules=list(query_model), document_modules=list(doc_model))
+    # sentence-transformers types its modules two ways (torch's Module and its own); they are the same objects.
+    router = Router.for_query_document(query_modules=list(query_model),  # type: ignore[arg-type]
+                                       document_modules=list(doc_model))  # type: ignore[arg-type]
     pair = SentenceTransformer(modules=[router], device="cpu")
     out = Path(out)
     with atomic.atomic_dir(out) as tmp:

@@ -31,7 +31,7 @@ class LengthGroupedBatches:
         # Sorting within a window of 16 batches keeps padding low while batches still mix lengths across
         # windows; wider windows pad less but make each batch more uniform in length.
         window = self.batch_size * 16
-        batches = []
+        batches: list[np.ndarray] = []
         for start in range(0, len(items), window):
             chunk = items[start : start + window]
             chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]

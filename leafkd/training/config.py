@@ -5,15 +5,66 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from leafkd.errors import LeafkdError
 
 
+class Choice(StrEnum):
+    """An option with fixed choices. A `str`, so comparisons, JSON and the result key see its value."""
+
+    @classmethod
+    def parse(cls, value: Any, option: str) -> Choice:
+        """The choice named by a TOML or command-line value (any case; a TOML boolean names true/false)."""
+        if isinstance(value, cls):
+            return value
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value).lower()
+        try:
+            return cls(text)
+        except ValueError:
+            names = [c.value for c in cls]
+            raise LeafkdError(f"{option} must be {', '.join(names[:-1])} or {names[-1]}, not {value!r}") from None
+
+
+class Projection(Choice):
+    """Whether the student ends with a Dense projection to the teacher's dim."""
+
+    AUTO = "auto"  # when the dims differ
+    ALWAYS = "always"
+    NONE = "none"
+
+
+class TriState(Choice):
+    """On, off, or decided by the run (the teacher, the student, the device)."""
+
+    AUTO = "auto"
+    TRUE = "true"
+    FALSE = "false"
+
+
+class Precision(Choice):
+    """Training's autocast: bf16 on CUDA, fp32 on CPU (auto), or forced."""
+
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP32 = "fp32"
+
+
+class SelectMode(Choice):
+    """Teacher-guided data selection (leafkd.training.selection)."""
+
+    NONE = "none"
+    SUBSET = "subset"
+    REWEIGHT = "reweight"
+
+
 def _opt(default: Any, help: str, **kw) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    if isinstance(default, Choice):
+        kw["choices"] = type(default)
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -22,17 +73,29 @@ class TrainConfig:
     """Every option of `train-embedder`; a TOML file sets any of them, the command line overrides."""
 
     teacher: str | None = _opt(None, "teacher model folder or installed name (omit with --teacher-vectors)")
-    data: list[str] = _opt([], "text sources PATH[#COLUMN][*WEIGHT]: .txt, .jsonl, .tsv or a BEIR folder (repeatable)")
-    vectors: str | None = _opt(None, "teacher-vector store folder (default: OUTPUT/teacher-vectors; captured if missing)")
+    data: list[str] = _opt([], "text sources PATH[#COLUMN][*WEIGHT]: .txt, .jsonl, .tsv or a BEIR folder "
+                           "(repeatable)")
+    vectors: str | None = _opt(None, "teacher-vector store folder (default: OUTPUT/teacher-vectors; captured if "
+                               "missing)")
     teacher_vectors: str | None = _opt(None, "black-box teacher: .npy of vectors, row i for text i of --data")
     student: str = _opt("all-MiniLM-L6-v2", "student base encoder: model folder or installed name")
     student_layers: int | None = _opt(None, "keep only the first N layers of the student base")
-    projection: str = _opt("auto", "Dense projection to the teacher's dim: auto (when dims differ), always, none")
-    normalize: str = _opt("auto", "end the student with Normalize: auto (as the teacher), true, false")
-    query_prompt: str | None = _opt(None, "query prompt stored with the student (default: the teacher's 'query' prompt)")
+    projection: Projection = _opt(Projection.AUTO, "Dense projection to the teacher's dim: auto (when dims differ), "
+                                  "always, none")
+    normalize: TriState = _opt(TriState.AUTO, "end the student with Normalize: auto (as the teacher), true, false")
+    query_prompt: str | None = _opt(None, "query prompt stored with the student (default: the teacher's 'query' "
+                                    "prompt)")
     max_seq_length: int | None = _opt(None, "student max tokens per text (default: the base's)")
     output: str = _opt("runs/student", "run folder: checkpoints, metrics.jsonl, curves.png and model/")
-    max_texts: int | None = _opt(None, "use a seeded sample of this many unique texts")
+    max_texts: int | None = _opt(None, "use a seeded sample of this many unique texts of --data (adaptation text is "
+                                 "added whole)")
+    adapt: list[str] = _opt([], "corpora to adapt to (repeatable): BEIR folders or any --data source; their documents, "
+                            "sentence pieces and query-sized spans join the training text (as `leafkd adapt-text` "
+                            "cuts them)")
+    adapt_weight: float = _opt(3.0, "visits per epoch of the adapted documents and of their sentence pieces")
+    adapt_spans: int = _opt(4, "random 4-32-word spans per adapted document, visited once per epoch (0: none)")
+    bank_from_adapt: bool = _opt(False, "the bank loss's bank is the adapted corpora's documents (as --bank-data "
+                                 "naming them would be)")
     heldout: int = _opt(2000, "texts held out for alignment metrics (never trained on)")
     epochs: float = _opt(1.0, "passes over the training texts (fractions allowed)")
     max_steps: int | None = _opt(None, "stop after this many optimiser steps (overrides epochs)")
@@ -62,18 +125,22 @@ class TrainConfig:
     bank_temperature: float = _opt(0.05, "bank relational softmax temperature")
     ridge_alpha: float = _opt(1e-2, "relative ridge penalty of the projection warm start")
     ridge_samples: int = _opt(20000, "texts used to fit the ridge warm start")
-    select: str = _opt("none", "teacher-guided data selection: none, subset (train on a chosen subset) or reweight "
-                       "(sample texts by student-teacher gap); see docs/selection.md")
+    select: SelectMode = _opt(SelectMode.NONE, "teacher-guided data selection: none, subset (train on a chosen "
+                              "subset) or reweight (sample texts by student-teacher gap); see docs/selection.md")
     select_fraction: float = _opt(0.5, "subset: fraction of the training pool (after drops) to keep")
     select_size: int | None = _opt(None, "subset: number of texts to keep (overrides --select-fraction)")
     select_temperature: float = _opt(1.0, "difficulty preference (gap / mean gap) ** (1/T); large T is uniform")
-    select_diversity: float = _opt(0.5, "cluster balance: share of cluster c scales with n_c ** -D (0: none, 1: equal-size clusters)")
+    select_diversity: float = _opt(0.5, "cluster balance: share of cluster c scales with n_c ** -D (0: none, "
+                                   "1: equal-size clusters)")
     select_max_weight: float = _opt(4.0, "reweight: clip each text's weight factor to [1/M, M]")
     select_clusters: int = _opt(256, "k-means clusters of teacher vectors for diversity and dedup")
-    select_refresh_every: int = _opt(0, "re-score and re-select every N steps, applied from the next epoch (0: once after the warm start)")
-    select_score_texts: int = _opt(50000, "score a seeded sample of at most N pool texts per round (0: all); others get their cluster's mean")
+    select_refresh_every: int = _opt(0, "re-score and re-select every N steps, applied from the next epoch (0: once "
+                                     "after the warm start)")
+    select_score_texts: int = _opt(50000, "score a seeded sample of at most N pool texts per round (0: all); others "
+                                   "get their cluster's mean")
     dedup_threshold: float = _opt(0.98, "selection drops near-duplicates with teacher cosine >= this (1.0: off)")
-    drop_degenerate: bool = _opt(True, "drop training texts that are empty after tokenisation or have zero-norm/outlier teacher vectors")
+    drop_degenerate: bool = _opt(True, "drop training texts that are empty after tokenisation or have "
+                                 "zero-norm/outlier teacher vectors")
     eval_every: int = _opt(200, "held-out evaluation every N steps (0: only at the start and end)")
     log_every: int = _opt(20, "training log line every N steps")
     checkpoint_every: int = _opt(500, "checkpoint every N steps (0: only at the end)")
@@ -81,14 +148,15 @@ class TrainConfig:
     resume: bool = _opt(True, "resume from the latest checkpoint in OUTPUT")
     seed: int = _opt(0, "seed for sampling, held-out split and initialisation")
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
-    precision: str = _opt("auto", "bf16 autocast on CUDA, fp32 on CPU (auto), or force bf16/fp32")
-    compile: str = _opt("auto", "torch.compile the student's forward: auto (packed training on CUDA, where it fuses "
-                        "the small kernels: ~9x the eager step rate on an H100), true, false")
-    packed: str = _opt("auto", "unpadded batches: each batch's texts concatenated, attention per text, batches drawn at "
-                       "random instead of grouped by length (auto: when the student is BERT/MPNet with mean pooling; "
-                       "true; false: padded, length-grouped batches)")
-    cuda_graphs: str = _opt("auto", "replay each packed training step as a CUDA graph (one per token bucket): auto (packed "
-                            "training with flash attention on one CUDA device, grad_accum 1), true, false")
+    precision: Precision = _opt(Precision.AUTO, "bf16 autocast on CUDA, fp32 on CPU (auto), or force bf16/fp32")
+    compile: TriState = _opt(TriState.AUTO, "torch.compile the student's forward: auto (packed training on CUDA, "
+                             "where it fuses the small kernels: ~9x the eager step rate on an H100), true, false")
+    packed: TriState = _opt(TriState.AUTO, "unpadded batches: each batch's texts concatenated, attention per text, "
+                            "batches drawn at random instead of grouped by length (auto: when the student is "
+                            "BERT/MPNet with mean pooling; true; false: padded, length-grouped batches)")
+    cuda_graphs: TriState = _opt(TriState.AUTO, "replay each packed training step as a CUDA graph (one per token "
+                                 "bucket): auto (packed training with flash attention on one CUDA device, "
+                                 "grad_accum 1), true, false")
     capture_batch_tokens: int | None = _opt(None, "token budget per teacher batch when capturing")
     plot: bool = _opt(True, "write curves.png")
     progress: bool = _opt(True, "show progress bars")
@@ -106,15 +174,32 @@ class TrainConfig:
     # Bank loss options enter the key only when the loss is on (keys of runs from before it existed are unchanged).
     BANK = ("bank", "bank_data", "bank_size", "bank_temperature")
 
+    # Corpus adaptation enters the key only when a corpus is adapted to (bank_from_adapt: only when on).
+    ADAPT = ("adapt", "adapt_weight", "adapt_spans")
+
+    def __post_init__(self) -> None:
+        # Fixed-choice options arrive as strings (TOML, the command line, keywords): parse them into their Enum.
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None:
+                setattr(self, f.name, choices.parse(getattr(self, f.name), f.name))
+        self.adapt_weight = float(self.adapt_weight)  # TOML's 3 and the command line's 3.0: one result key
+
     def result_key(self) -> str:
+        """A hash of the options that change the result: a run resumes only a checkpoint with the same key."""
         d = {k: v for k, v in asdict(self).items() if k not in self.RESUME_FREE}
         defaults = {f.name: f.default for f in fields(self) if f.name in self.SELECTION}
         for k in self.SELECTION:
-            if d[k] == defaults[k] or (self.select == "none" and k != "drop_degenerate"):
+            if d[k] == defaults[k] or (self.select == SelectMode.NONE and k != "drop_degenerate"):
                 del d[k]
         if self.bank == 0:
             for k in self.BANK:
                 del d[k]
+        if not self.adapt:
+            for k in self.ADAPT:
+                del d[k]
+        if not self.bank_from_adapt:
+            del d["bank_from_adapt"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -143,9 +228,11 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
 
 
 def validate(cfg: TrainConfig) -> None:
+    """One-line errors for options that cannot work together (before any work)."""
     if cfg.teacher is None and cfg.teacher_vectors is None and cfg.vectors is None:
-        raise LeafkdError("give a teacher (--teacher), a vector store (--vectors) or black-box vectors (--teacher-vectors)")
-    if not cfg.data and cfg.vectors is None:
+        raise LeafkdError("give a teacher (--teacher), a vector store (--vectors) or black-box vectors "
+                          "(--teacher-vectors)")
+    if not cfg.data and not cfg.adapt and cfg.vectors is None:
         raise LeafkdError("no training data: give --data (or --vectors of an existing store)")
     for name in ("batch_size", "grad_accum"):
         if getattr(cfg, name) < 1:
@@ -154,34 +241,32 @@ def validate(cfg: TrainConfig) -> None:
         raise LeafkdError("learning rates must be > 0")
     if cfg.heldout < 10:
         raise LeafkdError("heldout must be >= 10")
-    if cfg.projection not in ("auto", "always", "none"):
-        raise LeafkdError(f"projection must be auto, always or none, not {cfg.projection!r}")
-    if str(cfg.normalize).lower() not in ("auto", "true", "false"):
-        raise LeafkdError(f"normalize must be auto, true or false, not {cfg.normalize!r}")
     weights = [cfg.leaf_l2, cfg.mse, cfg.cosine, cfg.lelp, cfg.relational, cfg.bank]
     if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
         raise LeafkdError("loss weights must be >= 0 with at least one > 0")
-    from leafkd.training.selection import SELECT_MODES
+    _validate_selection(cfg)
+    _validate_bank_and_adaptation(cfg)
 
-    if cfg.select not in SELECT_MODES:
-        raise LeafkdError(f"select must be one of {', '.join(SELECT_MODES)}, not {cfg.select!r}")
+
+def _validate_selection(cfg: TrainConfig) -> None:
     if not 0 < cfg.select_fraction <= 1 or (cfg.select_size is not None and cfg.select_size < 1):
         raise LeafkdError("select_fraction must be in (0, 1] and select_size >= 1")
     if cfg.select_temperature <= 0 or cfg.select_max_weight < 1 or cfg.select_diversity < 0:
         raise LeafkdError("select_temperature must be > 0, select_max_weight >= 1, select_diversity >= 0")
     if cfg.select_clusters < 1 or cfg.select_refresh_every < 0 or cfg.select_score_texts < 0:
         raise LeafkdError("select_clusters must be >= 1, select_refresh_every and select_score_texts >= 0")
-    if str(cfg.compile).lower() not in ("auto", "true", "false"):
-        raise LeafkdError(f"compile must be auto, true or false, not {cfg.compile!r}")
-    if str(cfg.cuda_graphs).lower() not in ("auto", "true", "false"):
-        raise LeafkdError(f"cuda_graphs must be auto, true or false, not {cfg.cuda_graphs!r}")
-    if str(cfg.packed).lower() not in ("auto", "true", "false"):
-        raise LeafkdError(f"packed must be auto, true or false, not {cfg.packed!r}")
-    if cfg.bank > 0 and (cfg.bank_size < 2 or cfg.bank_temperature <= 0):
-        raise LeafkdError("bank_size must be >= 2 and bank_temperature > 0")
-    if cfg.bank_data and cfg.bank == 0:
-        raise LeafkdError("--bank-data is set but the bank loss is off: give it a weight with --bank")
     if not 0 < cfg.dedup_threshold <= 1:
         raise LeafkdError("dedup_threshold must be in (0, 1] (1: no dedup)")
 
 
+def _validate_bank_and_adaptation(cfg: TrainConfig) -> None:
+    if cfg.bank > 0 and (cfg.bank_size < 2 or cfg.bank_temperature <= 0):
+        raise LeafkdError("bank_size must be >= 2 and bank_temperature > 0")
+    if cfg.bank_data and cfg.bank == 0:
+        raise LeafkdError("--bank-data is set but the bank loss is off: give it a weight with --bank")
+    if cfg.bank_from_adapt and (cfg.bank == 0 or not cfg.adapt):
+        raise LeafkdError("--bank-from-adapt needs the bank loss (--bank) and corpora to adapt to (--adapt)")
+    if cfg.adapt_weight < 0 or cfg.adapt_spans < 0:
+        raise LeafkdError("adapt_weight and adapt_spans must be >= 0")
+    if cfg.adapt and cfg.teacher_vectors:
+        raise LeafkdError("--adapt cannot be combined with --teacher-vectors (rows must match the texts of --data)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,14 +10,18 @@ import numpy as np
 
 from leafkd.capture.store import VectorStore
 from leafkd.capture.teacher import capture, capture_blackbox, check_store_for_teacher
-from leafkd.data.sources import Corpus, load_corpus, text_hash
+from leafkd.data.sources import load_corpus, text_hash
 from leafkd.errors import LeafkdError
 from leafkd.training.config import TrainConfig
+from leafkd.training.corpus import bank_sources, training_corpus
+
+logger = logging.getLogger(__name__)
 
 
-# -- data ------------------------------------------------------------------------------------------------
 @dataclass
 class TrainData:
+    """The run's texts and teacher vectors, their weights and the held-out split."""
+
     texts: list[str]
     teacher: np.ndarray  # float16 [n, D], row-aligned with texts
     weights: np.ndarray  # expected visits per epoch
@@ -24,12 +29,15 @@ class TrainData:
     heldout_idx: np.ndarray
     fingerprint: str
     teacher_meta: dict
-    bank_texts: list[str] | None = None  # the texts of --bank-data, when the bank loss names them
+    bank_texts: list[str] | None = None  # the texts the bank loss names (--bank-data, --bank-from-adapt)
 
 
-def prepare_data(cfg: TrainConfig, out: Path, log) -> TrainData:
-    corpus: Corpus | None = load_corpus(cfg.data, cfg.max_texts, cfg.seed) if cfg.data else None
-    bank_texts = load_corpus(cfg.bank_data, None, cfg.seed).texts if cfg.bank > 0 and cfg.bank_data else None
+def prepare_data(cfg: TrainConfig, out: Path) -> TrainData:
+    """Read the corpus, get its teacher vectors (captured into the store, or black-box) and split off the held-out
+    texts; a store given without data is trained on as it is."""
+    corpus = training_corpus(cfg)
+    banked = bank_sources(cfg)
+    bank_texts = load_corpus(banked, None, cfg.seed).texts if cfg.bank > 0 and banked else None
     if bank_texts is not None and corpus is not None:  # fail before the capture, not after it
         check_bank_texts(bank_texts, set(corpus.texts))
     store_path = Path(cfg.vectors) if cfg.vectors else out / "teacher-vectors"
@@ -40,7 +48,7 @@ def prepare_data(cfg: TrainConfig, out: Path, log) -> TrainData:
             raise LeafkdError("--max-texts cannot be combined with --teacher-vectors (rows must match the texts)")
         store = capture_blackbox(corpus.texts, cfg.teacher_vectors, store_path)
     elif corpus is not None and cfg.teacher is not None:
-        log(f"capturing teacher vectors into {store_path}")
+        logger.info(f"capturing teacher vectors into {store_path}")
         store = capture(cfg.teacher, corpus, store_path, prompt=None, batch_tokens=cfg.capture_batch_tokens,
                         device=cfg.device, show_progress=cfg.progress)
     else:
@@ -69,14 +77,15 @@ def prepare_data(cfg: TrainConfig, out: Path, log) -> TrainData:
     order = np.argsort(keys, kind="stable")
     heldout_idx = np.sort(order[: cfg.heldout])
     train_idx = np.sort(order[cfg.heldout :])
-    return TrainData(texts, vectors, weights, train_idx, heldout_idx, store.fingerprint, dict(store.manifest), bank_texts)
+    return TrainData(texts, vectors, weights, train_idx, heldout_idx, store.fingerprint, dict(store.manifest),
+                     bank_texts)
 
 
 def check_bank_texts(bank_texts: list[str], known) -> None:
     missing = sum(t not in known for t in bank_texts)
     if missing:
-        raise LeafkdError(f"--bank-data: {missing} of its {len(bank_texts)} texts are not training data (add its sources "
-                          f"to --data: their teacher vectors come from the store)")
+        raise LeafkdError(f"--bank-data: {missing} of its {len(bank_texts)} texts are not training data (add its "
+                          "sources to --data: their teacher vectors come from the store)")
 
 
 def bank_rows(cfg: TrainConfig, data: TrainData) -> np.ndarray:

@@ -12,7 +12,7 @@ student exists (after the ridge warm start, and again during training). This mod
 
 and then either picks a training subset (`select_subset`: per-cluster quotas, difficulty-proportional sampling
 without replacement inside each cluster) or reweights the sampler (`reweight`: expected visits per epoch from
-the difficulty, tempered, clipped and cluster-balanced). `Selector` is the hook `train.py` uses: it prepares the
+the difficulty, tempered, clipped and cluster-balanced). `Selector` is the hook the trainer uses: it prepares the
 pool before training, selects after the warm start, refreshes every N steps (applied from the next epoch, and
 carried in checkpoints, so a resumed run is identical) and writes `selection.npz` / `selection.json` into the
 run folder. Everything is a pure function of the seed.
@@ -20,8 +20,9 @@ run folder. Everything is a pure function of the seed.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,10 @@ import torch.nn.functional as F
 
 from leafkd import atomic
 from leafkd.errors import LeafkdError
+from leafkd.training.config import SelectMode, TrainConfig
 from leafkd.vectors import cosine_rows, kmeans
 
-SELECT_MODES = ("none", "subset", "reweight")
-
+logger = logging.getLogger(__name__)
 
 REASONS = ("nonfinite", "empty", "zero_norm", "outlier_norm", "outlier_direction", "duplicate")
 
@@ -65,7 +66,7 @@ def degenerate_mask(texts: Sequence[str], token_lengths: np.ndarray, teacher_vec
     def mark(mask: np.ndarray, code: int) -> None:
         reason[(reason < 0) & mask] = code
 
-    finite = np.isfinite(v).all(axis=1)
+    finite = np.asarray(np.isfinite(v).all(axis=1))
     mark(~finite, 0)
     v = np.where(finite[:, None], v, 0.0)
     empty = np.fromiter((not t.strip() for t in texts), dtype=bool, count=n) | (np.asarray(token_lengths) < min_tokens)
@@ -118,9 +119,9 @@ def near_duplicates(vectors: np.ndarray, labels: np.ndarray, threshold: float = 
             sims.masked_fill_(torch.arange(len(members), device=sims.device)[None, :] >= rows[:, None], -2.0)
             hit_r, hit_c = torch.nonzero(sims >= threshold, as_tuple=True)
             if len(hit_r):
-                hit_r, hit_c = (hit_r + s).cpu().numpy(), hit_c.cpu().numpy()
-                split = np.flatnonzero(np.diff(hit_r)) + 1
-                for r, cols in zip(hit_r[np.r_[0, split]], np.split(hit_c, split)):
+                rows_hit, cols_hit = (hit_r + s).cpu().numpy(), hit_c.cpu().numpy()
+                split = np.flatnonzero(np.diff(rows_hit)) + 1
+                for r, cols in zip(rows_hit[np.r_[0, split]], np.split(cols_hit, split)):
                     earlier[int(r)] = cols
         if not earlier:
             continue
@@ -253,10 +254,9 @@ def _save_npz(path: Path, **arrays) -> None:
 class Selector:
     """Selection inside a training run (see `leafkd.train`): pool, scores, current and pending sampler state."""
 
-    def __init__(self, cfg, texts: Sequence[str], teacher: np.ndarray, train_idx: np.ndarray,
-                 weights: np.ndarray, lengths: np.ndarray, out: Path, log: Callable[[str], None] = print,
-                 device: str | torch.device = "cpu"):
-        self.cfg, self.teacher, self.out, self.log, self.device = cfg, teacher, Path(out), log, device
+    def __init__(self, cfg: TrainConfig, texts: Sequence[str], teacher: np.ndarray, train_idx: np.ndarray,
+                 weights: np.ndarray, lengths: np.ndarray, out: Path, device: str | torch.device = "cpu"):
+        self.cfg, self.teacher, self.out, self.device = cfg, teacher, Path(out), device
         self.mode = cfg.select
         self.base_weights = np.asarray(weights, dtype=np.float64)
         self.refreshes = 0
@@ -276,7 +276,7 @@ class Selector:
         pool = train_idx[train_keep]
         self.labels = np.full(n, -1, dtype=np.int64)
         self.dup_of = np.full(n, -1, dtype=np.int64)
-        if self.mode != "none" and len(pool):
+        if self.mode != SelectMode.NONE and len(pool):
             k = max(1, min(cfg.select_clusters, len(pool) // 10))
             _, self.labels[pool] = kmeans(teacher[pool], k, seed=cfg.seed, device=device)
             if cfg.dedup_threshold < 1.0:
@@ -285,8 +285,8 @@ class Selector:
                 self.dropped["duplicate"] = pool[dup >= 0].tolist()
                 pool = pool[dup < 0]
         self.pool = pool
-        self.clusters = int(self.labels.max()) + 1 if self.mode != "none" and len(pool) else 0
-        if self.mode == "subset":
+        self.clusters = int(self.labels.max()) + 1 if self.mode != SelectMode.NONE and len(pool) else 0
+        if self.mode == SelectMode.SUBSET:
             size = cfg.select_size if cfg.select_size is not None else int(round(cfg.select_fraction * len(pool)))
             self.size = int(min(max(size, 1), len(pool)))
         else:
@@ -299,13 +299,13 @@ class Selector:
                         "dropped": counts, "heldout_degenerate_kept": heldout_bad, "pool": int(len(pool)),
                         "clusters": self.clusters, "size": self.size, "prepare_seconds": time.perf_counter() - t0}
         if any(counts.values()):
-            log("selection: dropped " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+            logger.info("selection: dropped " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
                 + (f" (and {heldout_bad} degenerate held-out texts kept for comparability)" if heldout_bad else ""))
 
     # The pool and the budget the sampler is built with before selection (subset: the subset's expected size).
     def initial(self) -> tuple[np.ndarray, np.ndarray]:
         w = self.base_weights.copy()
-        if self.mode == "subset" and len(self.pool):
+        if self.mode == SelectMode.SUBSET and len(self.pool):
             w[self.pool] *= self.size / len(self.pool)
         return self.pool, w
 
@@ -325,6 +325,7 @@ class Selector:
         # Distributed: rank 0 scores and every rank takes its scores, so all ranks build the same batches.
         if dist_.is_main():
             vecs = encode_tokens(student, tokens.take(idx), device=self.device)
+            assert vecs is not None
             scores[idx] = difficulty(vecs, self.teacher[idx].astype(np.float32))
         return dist_.broadcast_object(scores)
 
@@ -332,7 +333,7 @@ class Selector:
         pool, cfg = self.pool, self.cfg
         est = fill_by_cluster(self.scores[pool], self.labels[pool])
         weights = self.base_weights.copy()
-        if self.mode == "subset":
+        if self.mode == SelectMode.SUBSET:
             pos = select_subset(est, self.labels[pool], self.size, temperature=cfg.select_temperature,
                                 diversity=cfg.select_diversity, seed=cfg.seed + 1000 * round_)
             return pool[pos], weights
@@ -347,7 +348,7 @@ class Selector:
         their cluster's mean like any unscored text.
         """
         sampler.indices, sampler.weights = self.pool, self.sampler_weights
-        if self.mode == "none" or not len(self.pool):
+        if self.mode == SelectMode.NONE or not len(self.pool):
             self.save()
             return
         t0 = time.perf_counter()
@@ -360,7 +361,7 @@ class Selector:
     def maybe_refresh(self, step: int, student, tokens) -> None:
         """Every `select_refresh_every` steps: re-score and re-select; the sampler takes it at the next epoch."""
         every = self.cfg.select_refresh_every
-        if self.mode == "none" or not every or step % every or not len(self.pool):
+        if self.mode == SelectMode.NONE or not every or step % every or not len(self.pool):
             return
         t0 = time.perf_counter()
         self.refreshes += 1
@@ -382,7 +383,7 @@ class Selector:
                "difficulty_p50": float(np.median(scored)) if len(scored) else None,
                "difficulty_p95": float(np.percentile(scored, 95)) if len(scored) else None}
         chosen, w = self.pending if self.pending is not None else (self.chosen, self.sampler_weights)
-        if self.mode == "subset":
+        if self.mode == SelectMode.SUBSET:
             rec["chosen"] = int(len(chosen))
             rec["clusters_covered"] = int(len(np.unique(self.labels[chosen])))
             sc = self.scores[chosen]
@@ -392,8 +393,9 @@ class Selector:
             wp = w[self.pool] / np.maximum(self.base_weights[self.pool], 1e-12)
             rec["weight_factor_min"], rec["weight_factor_max"] = float(wp.min()), float(wp.max())
         self.history.append(rec)
-        self.log(f"selection round {round_} (step {step}): " + ", ".join(
-            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items() if k not in ("round", "step")))
+        logger.info(f"selection round {round_} (step {step}): " + ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
+            if k not in ("round", "step")))
 
     def save(self) -> None:
         """`selection.npz` (arrays) and `selection.json` (summary, drops by reason, rounds) in the run folder."""

@@ -6,17 +6,17 @@ is the linear-map baseline), then minimise the configured losses with AdamW, war
 Checkpoints are whole-state (model, optimiser, schedule, data position, RNG) and written atomically, so a
 killed run resumes where it stopped and reaches the same weights as an uninterrupted one.
 
-Speed (the GPU path): texts are tokenised once; batches are packed (no padding: texts concatenated, attention
-per text, see leafkd.packed) by a background thread into pinned memory, so they can be drawn at random like a
-naive loop's; teacher vectors live on the device and are gathered by index;
-bf16 autocast and fused AdamW on CUDA; the packed forward under `torch.compile` on CUDA.
+Speed (the GPU path): batches are packed and prefetched (leafkd.training.loader); teacher vectors live on the
+device and are gathered by index; bf16 autocast and fused AdamW on CUDA; the packed forward under
+`torch.compile`, and the whole step replayed as CUDA graphs where possible (leafkd.training.steps).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import shutil
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from leafkd import __version__ as leafkd_version
 from leafkd import atomic
 from leafkd.errors import LeafkdError
 from leafkd.models import resolve_model
@@ -31,408 +32,343 @@ from leafkd.runtime import distributed as dist_
 from leafkd.runtime.devices import autocast_dtype, pick_device
 from leafkd.runtime.encode import encode_tokens
 from leafkd.runtime.graphs import GraphedTrainStep, bucket_tokens, fixed_width
-from leafkd.runtime.packed import PackedForward, pack, unsupported_reason
-from leafkd.runtime.packed import supported as packed_supported
-from leafkd.runtime.prefetch import prefetch
-from leafkd.runtime.tokens import Tokenized, pad_batch, tokenize
-from leafkd.student.build import build_student
+from leafkd.runtime.tokens import Tokenized, tokenize
 from leafkd.student.info import write_student_info
 from leafkd.student.warm_start import warm_start
 from leafkd.training.alignment import heldout_alignment
 from leafkd.training.batches import LengthGroupedBatches
 from leafkd.training.checkpoints import list_checkpoints, rng_state, save_checkpoint, seed_everything, set_rng_state
-from leafkd.training.config import TrainConfig, validate
+from leafkd.training.config import SelectMode, TrainConfig, TriState, validate
 from leafkd.training.data import bank_rows, prepare_data
+from leafkd.training.loader import BatchLoader
 from leafkd.training.metrics_log import MetricsLog, plot_curves
+from leafkd.training.model_setup import make_student, teacher_settings, training_forward, use_packed
 from leafkd.training.optim import lr_factor, make_loss, param_groups, set_dropout
+from leafkd.training.selection import Selector
+from leafkd.training.steps import StepStats, TrainStep, graphs_unsupported
 
-
-def graphs_unsupported(cfg: TrainConfig, device: torch.device, world: int, packed: bool = True, forward=None,
-                        autocast: torch.dtype | None = None) -> str | None:
-    """None when the training step can be replayed as CUDA graphs; otherwise why not (one line). Without
-    `forward` only what the config and device decide is checked (before any work)."""
-    if not packed or str(cfg.packed).lower() == "false":
-        return "needs packed training"
-    if device.type != "cuda":
-        return f"needs a CUDA device, not {device.type}"
-    if world > 1:
-        return "one process only (DDP's gradient hooks are not captured)"
-    if cfg.grad_accum != 1:
-        return "needs grad_accum 1"
-    if cfg.dropout > 0:
-        return "needs dropout 0"
-    if forward is None:
-        return None
-    inner = getattr(forward, "_orig_mod", forward)
-    if autocast is None or inner._attention_kind(torch.empty(1, device=device, dtype=autocast)) != "varlen":
-        return "needs flash attention over packed texts (BERT-style student, bf16/fp16)"
-    return None
+logger = logging.getLogger(__name__)
 
 
 def evaluate_student(model, tokens: Tokenized, teacher: np.ndarray, device: torch.device) -> dict[str, float]:
+    """Alignment of the student's vectors of `tokens` to the teacher's (`teacher`, row-aligned)."""
     if dist_.world_size() > 1:
         # Distributed: each rank embeds a contiguous slice of the held-out texts; the slices are gathered on
         # every rank (no rank idles while another evaluates) and the metrics computed on the whole set.
         lo, hi = dist_.split_range(len(tokens))
-        vecs = dist_.gather_rows(encode_tokens(model, tokens.take(np.arange(lo, hi)), device=device))
-        return heldout_alignment(vecs, teacher.astype(np.float32))
+        local = encode_tokens(model, tokens.take(np.arange(lo, hi)), device=device)
+        assert local is not None
+        return heldout_alignment(dist_.gather_rows(local), teacher.astype(np.float32))
     vecs = encode_tokens(model, tokens, device=device)
+    assert vecs is not None
     return heldout_alignment(vecs, teacher.astype(np.float32))
 
 
-def train(cfg: TrainConfig, log=print) -> dict:
-    """Run (or resume) training; returns the final held-out metrics and the model folder.
+class Trainer:
+    """One training run of a TrainConfig: everything is set up on construction; `run()` trains and saves."""
 
-    Under `torchrun` (WORLD_SIZE > 1): DistributedDataParallel, each rank takes a contiguous slice of every
-    global batch (see leafkd.distributed.local_batch); rank 0 logs, checkpoints and saves the model.
-    """
-    validate(cfg)
-    dist_.init_from_env(cfg.device)
-    world, is_main = dist_.world_size(), dist_.is_main()
-    if not is_main:
-        log = lambda *a, **k: None  # noqa: E731
-    device = pick_device(cfg.device)
-    if str(cfg.cuda_graphs).lower() == "true":  # fail before any work (the student-dependent check comes later)
-        why_not = graphs_unsupported(cfg, device, world)
-        if why_not is not None:
-            raise LeafkdError(f"--cuda-graphs true: {why_not}")
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    data = prepare_data(cfg, out, log)
-    teacher_dim = data.teacher.shape[1]
+    def __init__(self, cfg: TrainConfig):
+        validate(cfg)
+        self.cfg = cfg
+        dist_.init_from_env(cfg.device)
+        self.world, self.is_main = dist_.world_size(), dist_.is_main()
+        self.device = pick_device(cfg.device)
+        if cfg.cuda_graphs == TriState.TRUE:  # fail before any work (the student-dependent check comes later)
+            why_not = graphs_unsupported(cfg, self.device, self.world)
+            if why_not is not None:
+                raise LeafkdError(f"--cuda-graphs true: {why_not}")
+        self.out = Path(cfg.output)
+        self.out.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed)
+        self.data = prepare_data(cfg, self.out)
+        self.setup_student()
+        self.setup_sampler()
+        self.setup_loss()
+        state = self.load_checkpoint()
+        self.setup_weights(state)
+        self.setup_optimiser(state)
+        self.setup_step()
+        if state is None:
+            baseline = self.evaluate()
+            self.metrics.write({"type": "baseline", "step": 0, "name": "ridge", **baseline})
 
-    normalize = str(cfg.normalize).lower()
-    teacher_model_meta: dict[str, Any] = {"teacher": data.teacher_meta.get("teacher")}
-    query_prompt = cfg.query_prompt
-    teacher_normalizes = None
-    if cfg.teacher is not None:
-        teacher_path = resolve_model(cfg.teacher)
-        teacher_cfg_modules = json.loads((teacher_path / "modules.json").read_text()) if (teacher_path / "modules.json").exists() else []
-        teacher_normalizes = any(m.get("type", "").endswith("Normalize") for m in teacher_cfg_modules)
-        if query_prompt is None:
-            st_cfg = teacher_path / "config_sentence_transformers.json"
-            prompts = json.loads(st_cfg.read_text()).get("prompts", {}) if st_cfg.exists() else {}
-            query_prompt = prompts.get("query") or None
-        teacher_model_meta["teacher"] = str(teacher_path)
-    if normalize == "auto":
-        if teacher_normalizes is None:
-            norms = np.linalg.norm(data.teacher[:1000].astype(np.float32), axis=1)
-            teacher_normalizes = bool(np.allclose(norms, 1.0, atol=1e-2))
-        use_norm = teacher_normalizes
-    else:
-        use_norm = normalize == "true"
+    # -- setup, in the order a resumed run must repeat (each part may draw from the seeded RNGs) ----------------
+    def setup_student(self) -> None:
+        """The teacher's settings, the student, and every text tokenised once."""
+        data, cfg = self.data, self.cfg
+        self.teacher_dim = data.teacher.shape[1]
+        self.teacher = teacher_settings(cfg, data.teacher, data.teacher_meta.get("teacher"))
+        self.student = make_student(cfg, self.teacher_dim, self.teacher)
+        self.tokens, truncated = tokenize(self.student, data.texts)
+        self.heldout_tokens = self.tokens.take(data.heldout_idx)
+        logger.info(f"{len(data.texts)} texts ({len(data.train_idx)} train, {len(data.heldout_idx)} held out), "
+                    f"teacher dim {self.teacher_dim}, {truncated} texts truncated to {self.student.max_seq_length} "
+                    "tokens")
 
-    student = build_student(cfg.student, teacher_dim, layers=cfg.student_layers, normalize=use_norm,
-                            projection=cfg.projection, max_seq_length=cfg.max_seq_length)
-    if query_prompt:
-        student.prompts = {**student.prompts, "query": query_prompt}
-    set_dropout(student, cfg.dropout)
-    tokens, truncated = tokenize(student, data.texts)
-    lengths = tokens.lengths
-    heldout_tokens = tokens.take(data.heldout_idx)
-    heldout_teacher = data.teacher[data.heldout_idx]
-    log(f"{len(data.texts)} texts ({len(data.train_idx)} train, {len(data.heldout_idx)} held out), "
-        f"teacher dim {teacher_dim}, {truncated} texts truncated to {student.max_seq_length} tokens")
+    def setup_sampler(self) -> None:
+        """Data selection's teacher-only part (drops, clusters, dedup), the batch sampler and the step count."""
+        cfg, data = self.cfg, self.data
+        self.selector = None
+        if cfg.select != SelectMode.NONE or cfg.drop_degenerate:
+            # Teacher-only part of the selection (drops, clusters, dedup); the pool replaces the training texts.
+            self.selector = Selector(cfg, data.texts, data.teacher, data.train_idx, data.weights, self.tokens.lengths,
+                                     self.out, self.device)
+            data.train_idx, data.weights = self.selector.initial()
+        self.packed = use_packed(cfg, self.student)
+        self.sampler = LengthGroupedBatches(data.train_idx, data.weights, self.tokens.lengths, cfg.batch_size,
+                                            cfg.seed, group=not self.packed)
+        steps_per_epoch = max(1, self.sampler.expected_batches() // cfg.grad_accum)
+        self.total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
 
-    selector = None
-    if cfg.select != "none" or cfg.drop_degenerate:
-        from leafkd.training.selection import Selector
+    def setup_loss(self) -> None:
+        """The ridge fit's texts (also LELP's sample of teacher vectors), the bank and the combined loss."""
+        cfg, data = self.cfg, self.data
+        rng = np.random.default_rng(cfg.seed)
+        size = min(len(data.train_idx), max(cfg.ridge_samples, 1))
+        self.ridge_idx = np.sort(rng.choice(data.train_idx, size=size, replace=False))
+        bank = None
+        if cfg.bank > 0:
+            rows = bank_rows(cfg, data)
+            bank = data.teacher[rows].astype(np.float32)
+            named = " and ".join(name for name, on in (("--bank-data", cfg.bank_data), ("--bank-from-adapt",
+                                 cfg.bank_from_adapt)) if on) or "sample of the training texts"
+            logger.info(f"bank loss: {len(rows)} teacher vectors ({named})")
+        self.loss_fn = make_loss(cfg, data.teacher[self.ridge_idx].astype(np.float32), bank)
 
-        # Teacher-only part of the selection (drops, clusters, dedup); the pool replaces the training texts.
-        selector = Selector(cfg, data.texts, data.teacher, data.train_idx, data.weights, lengths, out, log, device)
-        data.train_idx, data.weights = selector.initial()
-    packed = str(cfg.packed).lower() == "true" or (str(cfg.packed).lower() == "auto" and packed_supported(student))
-    if str(cfg.packed).lower() == "true" and not packed_supported(student):
-        raise LeafkdError(f"--packed true: {unsupported_reason(student)}")
-    sampler = LengthGroupedBatches(data.train_idx, data.weights, lengths, cfg.batch_size, cfg.seed, group=not packed)
-    micro_per_epoch = sampler.expected_batches()
-    steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
-    total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
-
-    rng = np.random.default_rng(cfg.seed)
-    teacher_sample_idx = np.sort(rng.choice(data.train_idx, size=min(len(data.train_idx), max(cfg.ridge_samples, 1)), replace=False))
-    bank = None
-    if cfg.bank > 0:
-        rows = bank_rows(cfg, data)
-        bank = data.teacher[rows].astype(np.float32)
-        log(f"bank loss: {len(rows)} teacher vectors ({'--bank-data' if cfg.bank_data else 'sample of the training texts'})")
-    loss_fn = make_loss(cfg, data.teacher[teacher_sample_idx].astype(np.float32), bank)
-
-    ckpts = list_checkpoints(out) if cfg.resume else []
-    state = None
-    if ckpts:
+    def load_checkpoint(self) -> dict | None:
+        """The latest checkpoint's state when resuming (its weights loaded into the student); else None (a fresh
+        run clears old checkpoints)."""
+        cfg, out = self.cfg, self.out
+        ckpts = list_checkpoints(out) if cfg.resume else []
+        if not ckpts:
+            if not cfg.resume and self.is_main and (out / "checkpoints").exists():
+                shutil.rmtree(out / "checkpoints")
+            return None
         state = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
         if state["result_key"] != cfg.result_key():
             raise LeafkdError(f"{out} holds a run with other settings; use --no-resume or another --output")
-        student.load_state_dict(state["model"])
-        log(f"resuming from {ckpts[-1].name}")
-    elif not cfg.resume and is_main and (out / "checkpoints").exists():
-        shutil.rmtree(out / "checkpoints")
+        self.student.load_state_dict(state["model"])
+        logger.info(f"resuming from {ckpts[-1].name}")
+        return state
 
-    student.to(device)
-    loss_fn.to(device)
-    if state is None:
-        # Step 0 is the ridge map: the baseline a trained student must beat.
-        warm_start(student, [data.texts[i] for i in teacher_sample_idx], data.teacher[teacher_sample_idx].astype(np.float32),
-                   alpha=cfg.ridge_alpha)
-    if selector is not None:
-        # Score the pool with the warm-started student and select (or restore the checkpoint's selection).
+    def setup_weights(self, state: dict | None) -> None:
+        """The student on its device: the ridge warm start and the first selection, or the checkpoint's."""
+        data = self.data
+        self.student.to(self.device)
+        self.loss_fn.to(self.device)
         if state is None:
-            selector.start(student, tokens, sampler, exclude=teacher_sample_idx)  # the ridge fit's texts look easy
-        else:
-            selector.load_state_dict(state.get("selection"), sampler)
-    student.train()
-    set_dropout(student, cfg.dropout)
+            # Step 0 is the ridge map: the baseline a trained student must beat.
+            warm_start(self.student, [data.texts[i] for i in self.ridge_idx],
+                       data.teacher[self.ridge_idx].astype(np.float32), alpha=self.cfg.ridge_alpha)
+        if self.selector is not None:
+            # Score the pool with the warm-started student and select (or restore the checkpoint's selection).
+            if state is None:  # the ridge fit's texts look easy: they are not scored
+                self.selector.start(self.student, self.tokens, self.sampler, exclude=self.ridge_idx)
+            else:
+                self.selector.load_state_dict(state.get("selection"), self.sampler)
+        self.student.train()
+        set_dropout(self.student, self.cfg.dropout)
 
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(0.9, 0.999), eps=1e-8, fused=fused)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    step, epoch, position = 0, 0, 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        step, epoch, position = state["step"], state["epoch"], state["position"]
-        set_rng_state(state["rng"])
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if state is not None else None, readonly=not is_main)
-    if state is None:
-        metrics.records.clear()
-        if is_main:
-            atomic.write_text(out / "metrics.jsonl", "")
+    def setup_optimiser(self, state: dict | None) -> None:
+        """AdamW (fused on CUDA), the data position and RNGs of a resumed run, and the metrics log."""
+        self.optimizer = torch.optim.AdamW(param_groups(self.student, self.cfg), betas=(0.9, 0.999), eps=1e-8,
+                                           fused=self.device.type == "cuda")
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.step_count, self.epoch, self.position = 0, 0, 0
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step_count, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+            set_rng_state(state["rng"])
+        resume_step = self.step_count if state is not None else None
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=resume_step, readonly=not self.is_main)
+        if state is None:
+            self.metrics.records.clear()
+            if self.is_main:
+                atomic.write_text(self.out / "metrics.jsonl", "")
 
-    teacher_dev = torch.from_numpy(np.ascontiguousarray(data.teacher)).to(device)
-    autocast = autocast_dtype(cfg.precision, device)
-    forward = PackedForward(student) if packed else student
-    ddp = None
-    if world > 1:
-        forward = ddp = dist_.wrap_ddp(forward, device)  # after the warm start: DDP broadcasts rank 0's weights
-    compile_mode = str(cfg.compile).lower()
-    if compile_mode == "true" or (compile_mode == "auto" and packed and device.type == "cuda"):
-        forward = torch.compile(forward, dynamic=True)
-    pad_id = student.tokenizer.pad_token_id or 0
-    graphed, graph_shapes = None, {}
-    graphs_mode = str(cfg.cuda_graphs).lower()
-    if graphs_mode != "false":
-        why_not = graphs_unsupported(cfg, device, world, packed, forward if packed else None, autocast)
-        if why_not is None:
-            width = fixed_width(lengths[data.train_idx])
-            graph_shapes = {"bucket": bucket_tokens(float(lengths[data.train_idx].mean()) * cfg.batch_size, width),
-                            "width": width, "filler_id": pad_id}
-            graphed = GraphedTrainStep(forward, loss_fn, list(student.parameters()), teacher_dev, autocast)
-        elif graphs_mode == "true":
-            raise LeafkdError(f"--cuda-graphs true: {why_not}")
+    def setup_step(self) -> None:
+        """The training step (eager, or replayed as CUDA graphs) and the batches it draws."""
+        cfg, device, lengths = self.cfg, self.device, self.tokens.lengths
+        teacher_dev = torch.from_numpy(np.ascontiguousarray(self.data.teacher)).to(device)
+        autocast = autocast_dtype(cfg.precision, device)
+        forward, ddp = training_forward(cfg, self.student, self.packed, device)
+        pad_id = self.student.tokenizer.pad_token_id or 0
+        self.graphed: GraphedTrainStep | None = None
+        graph_shapes: dict[str, int] = {}
+        if cfg.cuda_graphs != TriState.FALSE:
+            why_not = graphs_unsupported(cfg, device, self.world, self.packed, forward if self.packed else None,
+                                         autocast)
+            if why_not is None:
+                train_lengths = lengths[self.data.train_idx]
+                width = fixed_width(train_lengths)
+                graph_shapes = {"bucket": bucket_tokens(float(train_lengths.mean()) * cfg.batch_size, width),
+                                "width": width, "filler_id": pad_id}
+                self.graphed = GraphedTrainStep(forward, self.loss_fn, list(self.student.parameters()), teacher_dev,
+                                                autocast)
+            elif cfg.cuda_graphs == TriState.TRUE:
+                raise LeafkdError(f"--cuda-graphs true: {why_not}")
+        self.train_step = TrainStep(cfg, self.student, forward, self.loss_fn, self.optimizer, teacher_dev, device,
+                                    autocast=autocast, packed=self.packed, graphed=self.graphed, ddp=ddp)
+        selector = self.selector
+        self.loader = BatchLoader(self.sampler, self.tokens, packed=self.packed, pad_id=pad_id, device=device,
+                                  graph_shapes=graph_shapes, global_keys=self.world > 1 and cfg.relational > 0,
+                                  on_new_epoch=(lambda: selector.new_epoch(self.sampler)) if selector else None)
 
-    def run_eval() -> dict:
-        student.eval()
-        result = evaluate_student(student, heldout_tokens, heldout_teacher, device)
-        student.train()
-        set_dropout(student, cfg.dropout)
-        record = {"type": "eval", "step": step, **result}
-        metrics.write(record)
-        log(f"step {step}: held-out cos {result['heldout_cos_mean']:.4f} (p5 {result['heldout_cos_p5']:.4f}), "
-            f"top-10 agreement {result['top10_agreement']:.3f}")
+    # -- training ---------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train to the last step, then save the model (see `finish`)."""
+        bar = None
+        if self.cfg.progress and self.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step_count, desc="train", unit="step", smoothing=0.05)
+        batches = self.loader.stream(self.epoch, self.position)
+        self.stats = StepStats(self.device)
+        try:
+            while self.step_count < self.total_steps:
+                record = self.step(batches)
+                if bar is not None:
+                    bar.update(1)
+                    if record is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.4g}", sps=f"{record['samples_per_s']:.0f}")
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.finish()
+
+    def step(self, batches: Iterator) -> dict[str, Any] | None:
+        """One optimiser step and what is due after it (selection refresh, log record, evaluation, checkpoint);
+        returns the log record when one was written."""
+        cfg = self.cfg
+        factor = lr_factor(self.step_count, self.total_steps, cfg.warmup)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+        self.epoch, self.position = self.train_step(batches, self.stats)
+        self.step_count += 1
+        step, last = self.step_count, self.step_count == self.total_steps
+        if self.selector is not None and not last:
+            self.selector.maybe_refresh(step, self.student, self.tokens)
+        record = None
+        if step % cfg.log_every == 0 or last:
+            record = self.stats.record(step, self.epoch, self.optimizer.param_groups[0]["lr"], self.world)
+            self.metrics.write(record)
+        if cfg.eval_every and step % cfg.eval_every == 0 and not last:
+            self.evaluate()
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last:
+            self.checkpoint()
+        return record
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out alignment now (recorded in metrics.jsonl); the student goes back to training mode."""
+        self.student.eval()
+        result = evaluate_student(self.student, self.heldout_tokens, self.data.teacher[self.data.heldout_idx],
+                                  self.device)
+        self.student.train()
+        set_dropout(self.student, self.cfg.dropout)
+        self.metrics.write({"type": "eval", "step": self.step_count, **result})
+        logger.info(f"step {self.step_count}: held-out cos {result['heldout_cos_mean']:.4f} "
+                    f"(p5 {result['heldout_cos_p5']:.4f}), top-10 agreement {result['top10_agreement']:.3f}")
         return result
 
-    if state is None:
-        baseline = run_eval()
-        baseline_record = {"type": "baseline", "step": 0, "name": "ridge", **baseline}
-        metrics.write(baseline_record)
-    bar = None
-    if cfg.progress and is_main:
-        from tqdm.auto import tqdm
+    def checkpoint(self) -> None:
+        """The whole state (model, optimiser, data position, RNGs, selection), written atomically by rank 0."""
+        cfg = self.cfg
+        save_checkpoint(self.out, {"step": self.step_count, "epoch": self.epoch, "position": self.position,
+                                   "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                   "rng": rng_state(), "result_key": cfg.result_key(), "config": asdict(cfg),
+                                   "selection": self.selector.state_dict() if self.selector is not None else None},
+                        cfg.keep_checkpoints)
 
-        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", smoothing=0.05)
+    # -- the end ----------------------------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        """Final evaluation and fit, the model folder (with leafkd.json), the last checkpoint and the curves."""
+        graph_stats = self.release_graphs()
+        final = self.evaluate()
+        train_fit = self.training_fit()
+        baseline = next((r for r in self.metrics.records if r.get("type") == "baseline"), None)
+        ridge = {k: baseline[k] for k in final} if baseline else None
+        model_dir = self.out / "model"
+        if self.is_main:
+            with atomic.atomic_dir(model_dir) as tmp:
+                self.student.to("cpu").save(str(tmp))
+                write_student_info(tmp, self.student_info(final, ridge, train_fit))
+        self.checkpoint()
+        if self.cfg.plot and self.is_main:
+            plot_curves(self.metrics.records, self.out / "curves.png")
+        dist_.barrier()  # the others return once rank 0 has written the model
+        return {"model": str(model_dir), "final": final, "ridge_baseline": ridge, "steps": self.step_count,
+                "train_fit": train_fit, "cuda_graphs": graph_stats}
 
-    def batch_stream(start_epoch: int, start_pos: int):
-        e, pos = start_epoch, start_pos
-        while True:
-            batches = sampler.epoch(e)
-            todo = batches[pos:]
+    def release_graphs(self) -> dict[str, Any] | None:
+        """The CUDA graphs' counts (None without graphs); their memory pool is freed for the final evaluation."""
+        if self.graphed is None:
+            return None
+        stats = self.graphed.stats()
+        logger.info(f"CUDA graphs: {stats['graphs']} captured, {stats['replays']} replays, {stats['eager_steps']} "
+                    "eager steps" + (f"; off after a failed capture: {stats['disabled']}" if stats["disabled"] else ""))
+        self.graphed = self.train_step.graphed = None
+        return stats
 
-            def make(k: int, todo=todo) -> dict:
-                full = todo[k]
-                idx, weight = dist_.local_batch(full)  # this rank's slice of the global batch (all of it: 1 process)
-                item = {"idx": torch.from_numpy(idx), "real_tokens": int(lengths[full].sum()), "n": len(full),
-                        "weight": weight}
-                if packed:
-                    item["packed"] = pack(tokens, idx, **graph_shapes)
-                else:
-                    ids, mask = pad_batch(tokens, idx, pad_id)
-                    item["ids"], item["mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
-                if world > 1 and cfg.relational > 0:
-                    item["full"] = torch.from_numpy(full)  # in-batch relations span the whole global batch
-                if device.type == "cuda":
-                    for key in ("idx", "ids", "mask", "packed"):
-                        if key in item:
-                            item[key] = item[key].pin_memory()
-                return item
+    def training_fit(self) -> dict[str, Any]:
+        """The held-out metrics on as many training texts (a seeded sample): a gap to the held-out numbers is
+        overfitting; both low is what the student cannot fit at all (capacity), which more data or steps will not
+        fix."""
+        data = self.data
+        fit_n = min(len(data.heldout_idx), len(data.train_idx))
+        fit_idx = np.sort(np.random.default_rng(self.cfg.seed).choice(data.train_idx, fit_n, replace=False))
+        self.student.eval()
+        fit = evaluate_student(self.student, self.tokens.take(fit_idx), data.teacher[fit_idx], self.device)
+        train_fit = {"cos_mean": fit["heldout_cos_mean"], "cos_p5": fit["heldout_cos_p5"], "texts": len(fit_idx)}
+        self.metrics.write({"type": "train_fit", "step": self.step_count, **train_fit})
+        logger.info(f"training texts ({len(fit_idx)} sampled): cos {train_fit['cos_mean']:.4f} "
+                    f"(p5 {train_fit['cos_p5']:.4f})")
+        return train_fit
 
-            for k, item in enumerate(prefetch(make, len(todo))):
-                yield e, pos + k + 1, item
-            e, pos = e + 1, 0
-            if selector is not None:
-                selector.new_epoch(sampler)  # a refresh's selection takes effect at an epoch boundary
+    def student_info(self, final: dict, ridge: dict | None, train_fit: dict) -> dict[str, Any]:
+        """The model folder's leafkd.json: teacher, base, losses, data, config and metrics."""
+        cfg, data = self.cfg, self.data
+        return {
+            "leafkd_version": leafkd_version,
+            "teacher": self.teacher.path,
+            "teacher_fingerprint": data.fingerprint,
+            "teacher_dim": self.teacher_dim,
+            "student_dim": self.teacher_dim,
+            "base": str(resolve_model(cfg.student)),
+            "base_layers": cfg.student_layers,
+            "normalize": self.teacher.normalize,
+            "query_prompt": self.teacher.query_prompt,
+            "losses": dict(self.loss_fn.weights),
+            "data": cfg.data,
+            "texts": len(data.texts),
+            "heldout": len(data.heldout_idx),
+            "steps": self.step_count,
+            "config": asdict(cfg),
+            "result_key": cfg.result_key(),  # what decides the weights: a run with the same key can reuse this model
+            "metrics": {"final": final, "ridge_baseline": ridge, "train_fit": train_fit},
+            "selection": self.selector.summary_for_model() if self.selector is not None else None,
+        }
 
-    stream = batch_stream(epoch, position)
-    skipped = 0
-    skipped_dev = torch.zeros((), device=device)
-    t_last, samples_since, tokens_since = time.perf_counter(), 0, 0
-    loss_sum = torch.zeros((), device=device)
-    loss_count = 0
-    part_sums: dict[str, torch.Tensor] = {}
+
+@contextmanager
+def _reports_from_main_rank() -> Iterator[None]:
+    """Under torchrun only rank 0 reports: the other ranks' leafkd records below warnings are dropped."""
+    root = logging.getLogger("leafkd")
+    level = root.level
+    if not dist_.is_main():
+        root.setLevel(max(level, logging.WARNING))
     try:
-        while step < total_steps:
-            factor = lr_factor(step, total_steps, cfg.warmup)
-            for g, base in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = base * factor
-            if graphed is None:  # the graphs zero their static gradient buffers themselves
-                optimizer.zero_grad(set_to_none=True)
-            total = None
-            for micro in range(cfg.grad_accum):
-                epoch, position, item = next(stream)
-                if ddp is not None:  # DDP's no_sync(): all-reduce the gradients only on the last micro-batch
-                    ddp.require_backward_grad_sync = micro == cfg.grad_accum - 1
-                if graphed is not None:
-                    loss, parts = graphed(item["packed"], item["idx"])
-                    total = loss
-                    for name, value in parts.items():
-                        part_sums[name] = part_sums.get(name, 0.0) + value
-                    samples_since += item["n"]
-                    tokens_since += item["real_tokens"]
-                    continue
-                target = teacher_dev[item["idx"].to(device, non_blocking=True)].float()
-                with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                    if packed:
-                        emb = forward(item["packed"].to(device))
-                    else:
-                        ids = item["ids"].to(device, non_blocking=True)
-                        mask = item["mask"].to(device, non_blocking=True)
-                        emb = forward({"input_ids": ids, "attention_mask": mask})["sentence_embedding"]
-                keys = teacher_dev[item["full"].to(device, non_blocking=True)].float() if "full" in item else None
-                loss, parts = loss_fn(emb.float(), target, keys)
-                if item["weight"] != 1.0:  # distributed, uneven split: the mean over ranks is the global-batch mean
-                    loss = loss * item["weight"]
-                    parts = {name: value * item["weight"] for name, value in parts.items()}
-                for name, value in parts.items():
-                    part_sums[name] = part_sums.get(name, 0.0) + value / cfg.grad_accum
-                (loss / cfg.grad_accum).backward()
-                total = loss.detach() if total is None else total + loss.detach()
-                samples_since += item["n"]
-                tokens_since += item["real_tokens"]
-            total = total / cfg.grad_accum
-            if world > 1:  # the global batch's loss, so every rank makes the same skip decision
-                total = dist_.all_reduce_sum(total) / world
-            if fused:
-                # NaN/inf guard without a host sync: fused AdamW skips the update on the device when `found_inf`
-                # is set (the GradScaler protocol), so the CPU keeps queueing work; skips are counted at log time.
-                found_inf = (~torch.isfinite(total)).float()
-                if cfg.clip > 0:
-                    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip)
-                optimizer.found_inf, optimizer.grad_scale = found_inf, None
-                optimizer.step()
-                skipped_dev += found_inf
-                loss_sum += torch.nan_to_num(total) * (1 - found_inf)
-                loss_count += 1 - found_inf
-            elif not torch.isfinite(total):
-                # NaN/inf guard: drop this step's update; stop if it keeps happening.
-                skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                if cfg.clip > 0:
-                    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip)
-                optimizer.step()
-                loss_sum += total
-                loss_count += 1
-            step += 1
-            if selector is not None and step < total_steps:
-                selector.maybe_refresh(step, student, tokens)
-            if bar is not None:
-                bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                now = time.perf_counter()
-                skipped += int(skipped_dev)
-                skipped_dev.zero_()
-                if skipped > 20:
-                    raise LeafkdError(f"training diverged: {skipped} steps with non-finite loss; lower --lr")
-                loss_count = float(loss_count)
-                if world > 1 and part_sums:
-                    reduced = dist_.all_reduce_sum(torch.stack([torch.as_tensor(v, device=device).float()
-                                                                for v in part_sums.values()])) / world
-                    part_sums = dict(zip(part_sums, reduced))
-                mean_loss = float(loss_sum / max(loss_count, 1))
-                rec = {"type": "train", "step": step, "epoch": epoch, "loss": mean_loss,
-                       "lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples_since / (now - t_last),
-                       "tokens_per_s": tokens_since / (now - t_last), "skipped_steps": skipped,
-                       "loss_parts": {k: float(v) / max(loss_count, 1) for k, v in part_sums.items()}}
-                metrics.write(rec)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{mean_loss:.4g}", sps=f"{rec['samples_per_s']:.0f}")
-                loss_sum.zero_()
-                loss_count = 0
-                part_sums.clear()
-                t_last, samples_since, tokens_since = now, 0, 0
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                run_eval()
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint(out, {"step": step, "epoch": epoch, "position": position, "model": student.state_dict(),
-                                      "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                                      "result_key": cfg.result_key(), "config": asdict(cfg),
-                                      "selection": selector.state_dict() if selector is not None else None},
-                                cfg.keep_checkpoints)
+        yield
     finally:
-        if bar is not None:
-            bar.close()
-
-    graph_stats = None
-    if graphed is not None:
-        graph_stats = graphed.stats()
-        log(f"CUDA graphs: {graph_stats['graphs']} captured, {graph_stats['replays']} replays, "
-            f"{graph_stats['eager_steps']} eager steps"
-            + (f"; off after a failed capture: {graph_stats['disabled']}" if graph_stats["disabled"] else ""))
-        graphed = None  # frees the graphs' memory pool before the final evaluation
-    final = run_eval()
-    # The same metrics on as many training texts (a seeded sample): a gap to the held-out numbers is overfitting;
-    # both low is what the student cannot fit at all (capacity), which more data or steps will not fix.
-    fit_n = min(len(data.heldout_idx), len(data.train_idx))
-    fit_idx = np.sort(np.random.default_rng(cfg.seed).choice(data.train_idx, fit_n, replace=False))
-    student.eval()
-    fit = evaluate_student(student, tokens.take(fit_idx), data.teacher[fit_idx], device)
-    train_fit = {"cos_mean": fit["heldout_cos_mean"], "cos_p5": fit["heldout_cos_p5"], "texts": len(fit_idx)}
-    metrics.write({"type": "train_fit", "step": step, **train_fit})
-    log(f"training texts ({len(fit_idx)} sampled): cos {train_fit['cos_mean']:.4f} (p5 {train_fit['cos_p5']:.4f})")
-    baseline = next((r for r in metrics.records if r.get("type") == "baseline"), None)
-    model_dir = out / "model"
-    info = {
-        "leafkd_version": __import__("leafkd").__version__,
-        "teacher": teacher_model_meta["teacher"],
-        "teacher_fingerprint": data.fingerprint,
-        "teacher_dim": teacher_dim,
-        "student_dim": teacher_dim,
-        "base": str(resolve_model(cfg.student)),
-        "base_layers": cfg.student_layers,
-        "normalize": use_norm,
-        "query_prompt": query_prompt,
-        "losses": {k: v for k, v in loss_fn.weights.items()},
-        "data": cfg.data,
-        "texts": len(data.texts),
-        "heldout": len(data.heldout_idx),
-        "steps": step,
-        "config": asdict(cfg),
-        "metrics": {"final": final, "ridge_baseline": {k: baseline[k] for k in final} if baseline else None,
-                    "train_fit": train_fit},
-        "selection": selector.summary_for_model() if selector is not None else None,
-    }
-    if is_main:
-        with atomic.atomic_dir(model_dir) as tmp:
-            student.to("cpu").save(str(tmp))
-            write_student_info(tmp, info)
-    save_checkpoint(out, {"step": step, "epoch": epoch, "position": position, "model": student.state_dict(),
-                          "optimizer": optimizer.state_dict(), "rng": rng_state(), "result_key": cfg.result_key(),
-                          "config": asdict(cfg), "selection": selector.state_dict() if selector is not None else None},
-                    cfg.keep_checkpoints)
-    if cfg.plot and is_main:
-        plot_curves(metrics.records, out / "curves.png")
-    dist_.barrier()  # the others return once rank 0 has written the model
-    return {"model": str(model_dir), "final": final, "ridge_baseline": info["metrics"]["ridge_baseline"], "steps": step,
-            "train_fit": train_fit, "cuda_graphs": graph_stats}
+        root.setLevel(level)
 
 
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training; returns the final held-out metrics and the model folder.
+
+    Under `torchrun` (WORLD_SIZE > 1): DistributedDataParallel, each rank takes a contiguous slice of every
+    global batch (see leafkd.runtime.distributed.local_batch); rank 0 logs, checkpoints and saves the model.
+    """
+    validate(cfg)
+    dist_.init_from_env(cfg.device)
+    with _reports_from_main_rank():
+        return Trainer(cfg).run()
