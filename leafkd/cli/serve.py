@@ -33,15 +33,24 @@ def cmd_serve(args) -> int:
                                    fp16=True if args.fp16 else None, shards=args.shards,
                                    allow_fingerprint_mismatch=args.allow_fingerprint_mismatch,
                                    query_prompt=args.query_prompt, verify=not args.no_verify)
+        teacher = None
+        if args.with_teacher:  # for POST /documents and /v1/embeddings input_type=document
+            from leafkd.server.teacher import DocumentEncoder
+
+            teacher = DocumentEncoder.load(retriever.index, args.teacher, device=args.device,
+                                           allow_fingerprint_mismatch=args.allow_fingerprint_mismatch)
         limits = Limits(max_query_chars=args.max_query_chars, max_queries=args.max_queries, max_top_k=args.max_top_k,
                         max_hits=args.max_hits, max_response_bytes=int(args.max_response_mb * 2**20),
-                        max_body_bytes=int(args.max_body_mb * 2**20))
+                        max_body_bytes=int(args.max_body_mb * 2**20), max_documents=args.max_documents,
+                        max_document_chars=args.max_document_chars)
         app = create_app(retriever, api_key=key.value if key else None, limits=limits, max_batch=args.max_batch,
-                         max_wait_ms=args.max_wait_ms, docs=args.docs)
+                         max_wait_ms=args.max_wait_ms, docs=args.docs, teacher=teacher)
         info = retriever.info()
         print(f"leafkd serve: mode {info['mode']}, {info['documents']} documents ({info['factory']}, FAISS on "
               f"{info['index_device']}), encoder {info['encoder']} on {info['encoder_device']}"
-              f"{f' ({threads} threads)' if threads else ''}, http://{args.host}:{port}; {auth}", file=sys.stderr,
+              f"{f' ({threads} threads)' if threads else ''}"
+              f"{f', teacher {teacher.name} for documents' if teacher else ''}, http://{args.host}:{port}; {auth}",
+              file=sys.stderr,
               flush=True)
         serve(app, log_level=args.log_level, sock=sock)
     finally:
@@ -87,6 +96,10 @@ def _limit_options(p: argparse.ArgumentParser) -> None:
                help="most queries x top_k per request")
     add_number(g, "--max-response-mb", float, gt=0, max=65_536, default=64.0, help="largest answer, in MiB")
     add_number(g, "--max-body-mb", float, gt=0, max=1024, default=4.0, help="largest request body, in MiB")
+    add_number(g, "--max-documents", int, min=1, max=100_000, default=256,
+               help="most documents per POST/DELETE /documents (and inputs per /v1/embeddings of documents)")
+    add_number(g, "--max-document-chars", int, min=1, max=100_000_000, default=100_000,
+               help="longest document (title + text), in characters")
 
 
 def register(subparsers) -> None:
@@ -95,7 +108,11 @@ def register(subparsers) -> None:
                    help="index name (under --indexes-dir), or the path of an index folder (with a '/')")
     p.add_argument("--indexes-dir", default="indexes", help="where named indexes live (default: %(default)s)")
     p.add_argument("--student", help="student model folder (modes asymmetric and student)")
-    p.add_argument("--teacher", help="teacher model folder (mode teacher; default: the index's teacher)")
+    p.add_argument("--teacher", help="teacher model folder (mode teacher, --with-teacher; default: the index's "
+                   "teacher)")
+    p.add_argument("--with-teacher", action="store_true",
+                   help="also load the index's teacher, to add documents (POST /documents) and embed them "
+                        "(/v1/embeddings with input_type document)")
     p.add_argument("--mode", choices=MODES, default="asymmetric")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     add_number(p, "--port", int, min=0, max=65535, default=8000,

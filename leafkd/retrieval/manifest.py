@@ -64,6 +64,10 @@ def index_path(name_or_path: str | Path, indexes_dir: str | Path = DEFAULT_INDEX
     return check_indexes_dir(indexes_dir) / check_index_name(text)
 
 
+class IndexBusyError(LeafkdError):
+    """Another process holds the index's writer lock (a server answers 503: retry later)."""
+
+
 @contextlib.contextmanager
 def writer_lock(folder: Path) -> Iterator[None]:
     """Exclusive writer lock on an index folder, so two updates never interleave. Once it is held, whatever a
@@ -78,7 +82,7 @@ def writer_lock(folder: Path) -> Iterator[None]:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise LeafkdError(f"{folder}: another leafkd process is writing this index") from None
+                raise IndexBusyError(f"{folder}: another leafkd process is writing this index") from None
         except ImportError:  # not POSIX: no lock
             pass
         for p in recover_dir(folder):
