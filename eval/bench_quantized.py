@@ -48,6 +48,9 @@ VARIANTS: dict[str, dict | None] = {
     "binary -> float32 rescoring x10": {"precision": "binary", "rescore": "float32", "multiplier": 10},
 }
 
+# /v1/embeddings ``dimensions`` values whose cost is measured (Matryoshka-style truncation + renormalisation)
+DIMENSIONS = (256, 128, 64)
+
 
 def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
@@ -118,9 +121,32 @@ def bench_set(name: str, folder: Path, model, fp: str, work: Path) -> list[dict]
         rows.append(row)
         print(f"{name:10s} {label:36s} nDCG@10 {row['ndcg_at_10']:.4f}  memory {row['memory_mib_per_1m']:8.1f} "
               f"MiB/1M  rescoring {row['rescore_disk_mib_per_1m']:7.1f} MiB/1M on disk", flush=True)
+    rows += truncations(name, docs, emb, q, qids, data.qrels, fp, ixdir)
     base = rows[0]["ndcg_at_10"]
     for r in rows:
         r["ndcg_kept"] = round(r["ndcg_at_10"] / base, 4) if base else None
+    return rows
+
+
+def truncations(name: str, docs: list, emb: np.ndarray, q: np.ndarray, qids: list[str], qrels: dict, fp: str,
+                ixdir: Path) -> list[dict]:
+    """What the server's ``dimensions`` (first N dimensions, renormalised) costs: float Flat indexes of truncated
+    teacher vectors, searched with truncated queries (the teacher was not trained for truncation unless it says so)."""
+    from leafkd.retrieval import build_index, load_index
+    from leafkd.vectors import normalize
+
+    rows = []
+    for d in DIMENSIONS:
+        if d >= emb.shape[1]:
+            continue
+        label = f"float32 Flat, dimensions={d}"
+        path = build_index(ixdir / slug(label), docs, vectors=normalize(emb[:, :d]), teacher_fingerprint=fp,
+                           overwrite=True)
+        idx = load_index(path)
+        rows.append({"set": name, "variant": label, "documents": idx.count, "dim": d, **memory(idx),
+                     **evaluate(idx, qids, normalize(np.ascontiguousarray(q[:, :d])), qrels)})
+        idx.close()
+        print(f"{name:10s} {label:36s} nDCG@10 {rows[-1]['ndcg_at_10']:.4f}", flush=True)
     return rows
 
 

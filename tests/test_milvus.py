@@ -68,6 +68,24 @@ def test_same_top10_as_faiss_through_the_retriever(backends, docs):
     assert got[0][0].metadata == want[0][0].metadata and got[0][0].text == want[0][0].text
     for flt in FILTERS:
         assert same_hits(on_milvus.search_vectors(q[:40], 10, flt), on_faiss.search_vectors(q[:40], 10, flt)), flt
+    # the same over HTTP: `leafkd serve --backend milvus` serves this Retriever
+    import httpx
+    from test_server import _Running
+
+    from leafkd.server.app import create_app
+
+    running = _Running(create_app(on_milvus, warmup=False))
+    try:
+        r = httpx.post(running.url + "/search", json={"queries": queries[:3], "top_k": 10, "filter": FILTERS[1]},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        want = on_faiss.search(queries[:3], 10, FILTERS[1])
+        for got_q, want_q in zip(r.json()["results"], want):
+            assert S.same_ranking([h["id"] for h in got_q["hits"]], [h["score"] for h in got_q["hits"]],
+                                  [h.id for h in want_q], [h.score for h in want_q])
+            assert all(1970 <= h["metadata"]["year"] < 1980 for h in got_q["hits"])
+    finally:
+        running.stop()
     on_milvus.index.close()
     on_faiss.index.close()
 

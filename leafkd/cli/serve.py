@@ -11,6 +11,8 @@ from leafkd.cli.options import add_number, existing_file
 # The values of leafkd.retrieval.Mode, spelled out: importing leafkd.retrieval here would need FAISS for `--help`.
 MODES = ("asymmetric", "teacher", "student")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+BACKENDS = ("faiss", "milvus")  # leafkd.retrieval.Backend
+MILVUS_TOKEN_ENV = "LEAFKD_MILVUS_TOKEN"
 
 
 def cmd_serve(args) -> int:
@@ -32,7 +34,9 @@ def cmd_serve(args) -> int:
                                    indexes_dir=args.indexes_dir, device=args.device, gpu=args.gpu,
                                    fp16=True if args.fp16 else None, shards=args.shards,
                                    allow_fingerprint_mismatch=args.allow_fingerprint_mismatch,
-                                   query_prompt=args.query_prompt, verify=not args.no_verify)
+                                   query_prompt=args.query_prompt, verify=not args.no_verify,
+                                   backend=args.backend, uri=args.milvus_uri,
+                                   token=os.environ.get(MILVUS_TOKEN_ENV) if args.backend == "milvus" else None)
         teacher = None
         if args.with_teacher:  # for POST /documents and /v1/embeddings input_type=document
             from leafkd.server.teacher import DocumentEncoder
@@ -46,12 +50,11 @@ def cmd_serve(args) -> int:
         app = create_app(retriever, api_key=key.value if key else None, limits=limits, max_batch=args.max_batch,
                          max_wait_ms=args.max_wait_ms, docs=args.docs, teacher=teacher)
         info = retriever.info()
-        print(f"leafkd serve: mode {info['mode']}, {info['documents']} documents ({info['factory']}, FAISS on "
-              f"{info['index_device']}), encoder {info['encoder']} on {info['encoder_device']}"
+        print(f"leafkd serve: mode {info['mode']}, {info['documents']} documents ({info['factory']}, "
+              f"{info['backend']} on {info['index_device']}), encoder {info['encoder']} on {info['encoder_device']}"
               f"{f' ({threads} threads)' if threads else ''}"
               f"{f', teacher {teacher.name} for documents' if teacher else ''}, http://{args.host}:{port}; {auth}",
-              file=sys.stderr,
-              flush=True)
+              file=sys.stderr, flush=True)
         serve(app, log_level=args.log_level, sock=sock)
     finally:
         sock.close()
@@ -75,9 +78,10 @@ def cpu_threads(threads: int | None, device: str | None) -> int | None:
 
 
 def _auth_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("authentication", "A key from any source turns authentication on: requests to /search, "
-                             "/embed and /stats must carry it in the X-API-Key header. Without a key the server "
-                             "binds to a loopback address only, unless --no-auth.")
+    g = p.add_argument_group("authentication", "A key from any source turns authentication on: requests to every "
+                             "route but /health and /openapi.json must carry it in the X-API-Key header or as "
+                             "'Authorization: Bearer KEY'. Without a key the server binds to a loopback address "
+                             "only, unless --no-auth.")
     g.add_argument("--api-key-file", type=existing_file(), metavar="FILE", help="read the API key from this file")
     g.add_argument("--api-key-env", metavar="VAR", help="read the API key from this environment variable "
                    "(default: LEAFKD_API_KEY, whenever it is set)")
@@ -107,6 +111,11 @@ def register(subparsers) -> None:
     p.add_argument("--index", required=True,
                    help="index name (under --indexes-dir), or the path of an index folder (with a '/')")
     p.add_argument("--indexes-dir", default="indexes", help="where named indexes live (default: %(default)s)")
+    p.add_argument("--backend", choices=BACKENDS, default="faiss",
+                   help="faiss: an index folder; milvus: the Milvus collection named --index at --milvus-uri")
+    p.add_argument("--milvus-uri", default=None,
+                   help=f"Milvus Lite file (.db) or server/cluster URI (http://host:19530); its token, if any, "
+                        f"from ${MILVUS_TOKEN_ENV}")
     p.add_argument("--student", help="student model folder (modes asymmetric and student)")
     p.add_argument("--teacher", help="teacher model folder (mode teacher, --with-teacher; default: the index's "
                    "teacher)")
