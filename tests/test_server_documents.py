@@ -162,3 +162,12 @@ def test_snapshot_round_trip(client, folder, tmp_path):
                  "--to", str(tmp_path / "snap2")]) == 2
     assert client.request("DELETE", "/documents", json={"ids": ["new-0"]}, headers=H).status_code == 200
     assert load_index(tmp_path / "snap2").get_document("new-0") is not None  # the snapshot keeps its state
+
+
+def test_serve_cli_refuses_a_wrong_teacher_or_backend(folder, tmp_path, capsys):
+    base = ["serve", "--index", str(folder), "--student", str(S.student_dir()), "--port", "0", "--device", "cpu"]
+    assert main([*base, "--with-teacher", "--teacher", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (after the weight-loading progress of the student)
+    assert err.startswith("error: --teacher") and "not a model folder" in err
+    assert main(["serve", "--backend", "milvus", "--index", "c", "--student", str(S.student_dir()), "--port", "0"]) == 2
+    assert "needs a uri" in capsys.readouterr().err

@@ -40,7 +40,9 @@ class DocumentEncoder:
         try:
             path = resolve_model(str(src))
         except LeafkdError:
-            raise LeafkdError(f"the index's teacher {str(src)!r} is not a model folder here; pass --teacher") from None
+            whose = "the index's teacher" if teacher is None else "--teacher"
+            raise LeafkdError(f"{whose} {str(src)!r} is not a model folder here"
+                              f"{'; pass --teacher' if teacher is None else ''}") from None
         fp = fingerprint(path)
         if not index.accepts_fingerprint(fp):
             refuse_mismatch(f"the teacher {path} (fingerprint {fp[:12]}) is not the model that built the index "
