@@ -154,15 +154,21 @@ RSS_CHILD = """
 import json, sys, numpy as np
 from leafkd.retrieval import load_index
 def rss():
+    got = {}
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
+        if line.startswith(("VmRSS:", "RssAnon:", "RssFile:")):
+            got[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return got
 before = rss()
 idx = load_index(sys.argv[1], verify=False)
 loaded = rss()
 q = np.random.default_rng(1).standard_normal((100, idx.dim)).astype(np.float32)
 idx.hits(q, 10)
-print(json.dumps({"rss_load_mib": (loaded - before) / 2**20, "rss_after_100_queries_mib": (rss() - before) / 2**20}))
+after = rss()
+mib = lambda a, key: (a[key] - before[key]) / 2**20
+print(json.dumps({"rss_load_mib": mib(loaded, "VmRSS"), "rss_after_100_queries_mib": mib(after, "VmRSS"),
+                  "anon_after_100_queries_mib": mib(after, "RssAnon"),
+                  "file_after_100_queries_mib": mib(after, "RssFile")}))
 """
 
 
@@ -214,10 +220,12 @@ def markdown(report: dict) -> str:
                      f"{r['memory_mib_per_1m']:,.1f} | {r['rescore_disk_mib_per_1m']:,.1f} | {r['ms_per_query']} |")
     if report.get("rss"):
         lines += ["", "| resident memory of a loaded index | documents | dim | after load MiB "
-                  "| after 100 queries MiB |", "|---|---:|---:|---:|---:|"]
+                  "| after 100 queries MiB | of which anonymous | of which mapped file pages |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for r in report["rss"]:
             lines.append(f"| {r['variant']} | {r['documents']:,} | {r['dim']} | {r['rss_load_mib']:,.1f} | "
-                         f"{r['rss_after_100_queries_mib']:,.1f} |")
+                         f"{r['rss_after_100_queries_mib']:,.1f} | {r.get('anon_after_100_queries_mib', 0):,.1f} | "
+                         f"{r.get('file_after_100_queries_mib', 0):,.1f} |")
     return "\n".join(lines) + "\n"
 
 

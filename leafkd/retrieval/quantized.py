@@ -20,7 +20,6 @@ deletes, filters and compaction work as for any index.
 
 from __future__ import annotations
 
-import mmap
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -247,31 +246,14 @@ class QuantizedIndex:
 
     @classmethod
     def load(cls, folder: Path, manifest: dict) -> QuantizedIndex:
-        """The quantised index of an index folder; its rescoring vectors stay on disk (memory-mapped)."""
         q = manifest["quantization"]
         files = manifest["files"]
         precision, rescore = Precision(q["precision"]), Rescore(q["rescore"])
         path = str(folder / files["index"])
         codes = faiss.read_index_binary(path) if precision is Precision.BINARY else faiss.read_index(path)
-        base = random_access_npy(folder / files["rescore"]) if "rescore" in files else None
+        base = np.load(folder / files["rescore"], mmap_mode="r") if "rescore" in files else None
         ranges = np.load(folder / files["ranges"]) if "ranges" in files else None
         if base is not None and len(base) != codes.ntotal:
             raise LeafkdError(f"{folder}: {files['rescore']} has {len(base)} rows, the index {codes.ntotal} vectors")
         return cls(precision, codes, rescore, base, ranges, q.get("multiplier", DEFAULT_MULTIPLIER),
                    int(manifest["dim"]))
-
-
-def random_access_npy(path: Path) -> np.ndarray:
-    """A read-only memory map of a .npy file, advised for random access: rescoring reads scattered rows, and the
-    kernel's default read-ahead would page in (and count in the resident memory) most of the file."""
-    fmt = np.lib.format
-    with open(path, "rb") as f:
-        read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(fmt.read_magic(f))
-        if read_header is None:  # a newer .npy version: numpy's own memory map
-            return np.load(path, mmap_mode="r")
-        shape, fortran, dtype = read_header(f)
-        offset = f.tell()
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
-        mm.madvise(mmap.MADV_RANDOM)
-    return np.ndarray(shape, dtype=dtype, buffer=mm, offset=offset, order="F" if fortran else "C")
