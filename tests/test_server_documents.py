@@ -171,3 +171,17 @@ def test_serve_cli_refuses_a_wrong_teacher_or_backend(folder, tmp_path, capsys):
     assert err.startswith("error: --teacher") and "not a model folder" in err
     assert main(["serve", "--backend", "milvus", "--index", "c", "--student", str(S.student_dir()), "--port", "0"]) == 2
     assert "needs a uri" in capsys.readouterr().err
+
+
+def test_an_index_another_process_is_writing_is_a_503(client, folder):
+    from leafkd.retrieval.manifest import writer_lock
+
+    doc = {"documents": [{"id": "busy-1", "text": "written while another writer holds the lock"}]}
+    with writer_lock(folder):  # as `leafkd index add` would hold it (flock: per open file, so it blocks us too)
+        r = client.post("/documents", json=doc, headers=H)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert "another leafkd process is writing this index" in r.json()["error"]
+        assert client.request("DELETE", "/documents", json={"ids": ["1"]}, headers=H).status_code == 503
+    assert client.get("/documents/busy-1", headers=H).status_code == 404  # nothing half-written
+    assert client.post("/documents", json=doc, headers=H).status_code == 201  # and it works once the lock is free
+    assert client.request("DELETE", "/documents", json={"ids": ["busy-1"]}, headers=H).status_code == 200

@@ -100,7 +100,7 @@ def add_embeddings_route(app: FastAPI, retriever: Retriever, batcher: MicroBatch
     """``POST /v1/embeddings``."""
     request = embeddings_request_model(limits, retriever.index.dim)
 
-    @app.post("/v1/embeddings", responses=ERROR_RESPONSES, dependencies=protected)
+    @app.post("/v1/embeddings", responses={**ERROR_RESPONSES, 403: ERROR_RESPONSES[401]}, dependencies=protected)
     async def embeddings(body: request):  # type: ignore[valid-type]  # made per app from its Limits
         req: Any = body
         """Embeddings in OpenAI's format: queries by the query encoder, documents by the index's teacher."""
