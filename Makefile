@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= cpu,server,eval,test
+EXTRAS ?= cpu,server,eval,onnx,milvus,test
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 

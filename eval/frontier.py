@@ -8,7 +8,7 @@ frontier.png, quality against ONNX int8 CPU latency) from the halves found there
       (untrained: latency does not depend on the weights; a trained student folder works as well), counts its
       parameters, exports it to ONNX (fp32 + int8; the export's cosine to torch is recorded), and measures single-
       query latency p50/p99 over real queries: torch and ONNX int8 in process, then over HTTP through a real
-      `leafkd serve` (torch and --backend onnx) on an index of --docs random unit vectors carrying the teacher's
+      `leafkd serve` (torch and --query-backend onnx) on an index of --docs random unit vectors carrying the teacher's
       fingerprint (search cost is FAISS's, the same for every student), and on the GPU when there is one.
       -> frontier-latency.json
   --quality (GPU machine; trains nothing): for each trained student NAME=PATH, the held-out cosine its training
@@ -159,7 +159,7 @@ def over_http(index: Path, folder: Path, backend: str, texts: list[str], args) -
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "leafkd", "serve", "--index", str(index), "--student", str(folder), "--port",
-           str(port), "--threads", str(args.threads), "--backend", backend, "--device", "cpu", "--no-gpu"]
+           str(port), "--threads", str(args.threads), "--query-backend", backend, "--device", "cpu", "--no-gpu"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -36,12 +36,13 @@ def test_round_trip_matches_brute_force(docs, emb):
     assert manifest["metric"] == "inner_product" and manifest["factory"] == "Flat"
     assert set(manifest["checksums"]) == set(manifest["files"].values())
     idx = load_index(folder)
-    assert idx.ids == [d.id for d in docs] and idx.texts[5] == docs[5].text and idx.titles[5] == docs[5].title
+    assert list(idx.store.ids()) == [d.id for d in docs]
+    assert idx.document(docs[5].id).text == docs[5].text and idx.document(docs[5].id).title == docs[5].title
     q = emb[[0, 10, 500, 1397]] + 0.05 * np.random.default_rng(0).standard_normal((4, 384)).astype(np.float32)
     rows, scores = idx.search(q, 10)
     want_ids, want_scores = S.brute_force(q, 10)
     for r, s, wi, ws in zip(rows, scores, want_ids, want_scores):
-        assert S.same_ranking([idx.ids[x] for x in r], s, wi, ws)
+        assert S.same_ranking(idx.ids_of(r), s, wi, ws)
 
 
 @pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF16,Flat", "SQ8", "IVF8,PQ16"])
@@ -53,16 +54,16 @@ def test_add_delete(tmp_path, docs, emb, factory):
     assert idx.count == 300
     # Each document finds itself (exact for Flat/HNSW/SQ8 on this size; PQ is lossy, so top-5).
     rows, _ = idx.search(vec[:50], 5)
-    hit = np.mean([sub[i].id in [idx.ids[r] for r in rr] for i, rr in enumerate(rows)])
+    hit = np.mean([sub[i].id in idx.ids_of(rr) for i, rr in enumerate(rows)])
     assert hit >= (0.9 if "PQ" in factory else 0.98)
 
     gone = [sub[3].id, sub[7].id, sub[250].id]
     m = delete_documents(folder, gone)
-    assert m["count"] == 297 and m["generation"] == 2
+    assert m["count"] == 297 and m["generation"] == 1 and m["seq"] == 1  # recorded in the store, base untouched
     idx = load_index(folder)
     rows, scores = idx.search(vec[[3, 7, 250]], 20)
     assert all(len(r) == 20 for r in rows)
-    assert not set(gone) & {idx.ids[r] for rr in rows for r in rr}
+    assert not set(gone) & {i for rr in rows for i in idx.ids_of(rr)}
     assert not any(g in idx for g in gone)
 
     m = add_documents(folder, sub[300:] + [sub[3]], vectors=np.concatenate([vec[300:], vec[3:4]]),
@@ -70,10 +71,10 @@ def test_add_delete(tmp_path, docs, emb, factory):
     assert m["count"] == 398
     idx = load_index(folder)
     rows, _ = idx.search(vec[[3, 350]], 5)
-    assert sub[3].id in [idx.ids[r] for r in rows[0]] and sub[350].id in [idx.ids[r] for r in rows[1]]
-    # only the current generation's files remain
-    names = {p.name for p in folder.iterdir()}
-    assert names == {"manifest.json", *m["files"].values()}
+    assert sub[3].id in idx.ids_of(rows[0]) and sub[350].id in idx.ids_of(rows[1])
+    # the base files, the store and the one segment of the add
+    names = {p.name for p in folder.iterdir()} - {"docs.sqlite-wal", "docs.sqlite-shm"}
+    assert names == {"manifest.json", "docs.sqlite", "segment.2.npy", *m["files"].values()}
 
 
 def test_add_rejects_duplicates_and_wrong_teacher(tmp_path, docs, emb):
@@ -88,27 +89,28 @@ def test_add_rejects_duplicates_and_wrong_teacher(tmp_path, docs, emb):
 
 
 def test_failed_add_leaves_old_index(tmp_path, docs, emb, monkeypatch):
-    import leafkd.retrieval.manifest as ix
+    from leafkd.retrieval.docstore import DocStore
 
     folder = build_index(tmp_path / "ix", docs[:50], vectors=emb[:50], teacher_fingerprint=FP)
     before = (folder / "manifest.json").read_bytes()
-    real = ix.write_docs
 
-    def boom(*a, **k):  # the new index file is written, then the document store fails
+    def boom(*a, **k):  # the segment file is written, then the store's commit fails
         raise OSError("disk full")
 
-    monkeypatch.setattr(ix, "write_docs", boom)
-    with pytest.raises(OSError):
-        add_documents(folder, docs[50:60], vectors=emb[50:60], teacher_fingerprint=FP)
-    monkeypatch.setattr(ix, "write_docs", real)
+    with monkeypatch.context() as mp:
+        mp.setattr(DocStore, "add", boom)
+        with pytest.raises(OSError):
+            add_documents(folder, docs[50:60], vectors=emb[50:60], teacher_fingerprint=FP)
     assert (folder / "manifest.json").read_bytes() == before
+    assert (folder / "segment.1.npy").exists()  # the orphan
     idx = load_index(folder)
-    assert idx.count == 50
+    assert idx.count == 50 and docs[55].id not in idx
     # and the next update succeeds and tidies the orphaned file
     add_documents(folder, docs[50:60], vectors=emb[50:60], teacher_fingerprint=FP)
     m = json.loads((folder / "manifest.json").read_text())
     assert load_index(folder).count == 60
-    assert {p.name for p in folder.iterdir()} == {"manifest.json", *m["files"].values()}
+    names = {p.name for p in folder.iterdir()} - {"docs.sqlite-wal", "docs.sqlite-shm"}
+    assert names == {"manifest.json", "docs.sqlite", "segment.1.npy", *m["files"].values()}
 
 
 def test_failed_rebuild_keeps_old_index(tmp_path, docs, emb):
@@ -127,11 +129,11 @@ def test_failed_rebuild_keeps_old_index(tmp_path, docs, emb):
 def test_checksum_failure_and_missing_files(tmp_path, docs, emb):
     folder = build_index(tmp_path / "ix", docs[:30], vectors=emb[:30], teacher_fingerprint=FP)
     m = json.loads((folder / "manifest.json").read_text())
-    store = folder / m["files"]["docs"]
-    data = bytearray(store.read_bytes())
-    data[100] ^= 0x20
-    store.write_bytes(bytes(data))
-    with pytest.raises(LeafkdError, match="checksum mismatch for docs"):
+    keys = folder / m["files"]["keys"]
+    data = bytearray(keys.read_bytes())
+    data[-3] ^= 0x20
+    keys.write_bytes(bytes(data))
+    with pytest.raises(LeafkdError, match="checksum mismatch for keys"):
         load_index(folder)
     with pytest.raises(LeafkdError, match="checksum mismatch"):
         verify_index(folder)

@@ -1,5 +1,5 @@
 """ONNX export of students (issue 21): the graph matches torch, the ONNX query encoder matches the torch one, and
-`leafkd serve --backend onnx` answers a real HTTP /search."""
+`leafkd serve --query-backend onnx` answers a real HTTP /search."""
 
 import os
 import socket
@@ -92,7 +92,7 @@ def test_serve_backend_onnx_answers_http_search_as_torch_does():
         port = s.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "leafkd", "serve", "--index", str(S.cranfield_index()),
-                             "--student", str(student), "--port", str(port), "--backend", "onnx", "--threads", "1"],
+                             "--student", str(student), "--port", str(port), "--query-backend", "onnx", "--threads", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         from test_server import wait_until_healthy

@@ -250,7 +250,7 @@ def test_cli_serve_and_graceful_shutdown(tmp_path):
     import shutil
 
     shutil.copytree(S.cranfield_index(), broken)
-    next(broken.glob("docs.*.jsonl")).unlink()
+    next(broken.glob("keys.*.npy")).unlink()  # issue 20 layout: base index + keys + docs.sqlite
     assert main(["serve", "--index", str(broken), "--student", str(S.student_dir()), *free]) == 2
     assert main(["serve", "--index", str(S.cranfield_index()), "--student", str(S.student_dir()), *free,
                  "--api-key-env", "LEAFKD_TEST_UNSET_VAR"]) == 2

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import retrieval_support as S
 from test_server import _Running, wait_until_healthy
-from test_server import retriever as shared_retriever  # noqa: F401 (registers the fixture `retriever` here)
+from test_server import retriever  # noqa: F401 (registers the fixture `retriever` here)
 
 from leafkd.server.app import create_app
 from leafkd.server.limits import Limits

@@ -121,6 +121,24 @@ def cmd_delete(args) -> int:
     return 0
 
 
+def cmd_snapshot(args) -> int:
+    from leafkd.retrieval.snapshot import snapshot_index
+
+    dest = snapshot_index(_folder(args), args.to)
+    print(f"{dest}: a snapshot of {_folder(args)} (loads like any index: leafkd serve --index {dest})")
+    return 0
+
+
+def cmd_compact(args) -> int:
+    from leafkd.retrieval.compaction import compact_index
+    from leafkd.retrieval.index import index_info
+
+    folder = _folder(args)
+    compact_index(folder)
+    print(index_info(folder).summary())
+    return 0
+
+
 def cmd_info(args) -> int:
     import json
 
@@ -187,6 +205,16 @@ def register(subparsers) -> None:
     d.add_argument("--ids-file", type=existing_file(), help="file with one id a line")
     d.add_argument("--missing-ok", action="store_true", help="ignore ids that are not in the index")
     d.set_defaults(func=cmd_delete)
+
+    s = sub.add_parser("snapshot", help="copy an index consistently (while servers search and update it)")
+    common(s)
+    s.add_argument("--to", required=True, type=Path,
+                   help="the new folder for the copy (must not exist; hard links where the filesystem allows)")
+    s.set_defaults(func=cmd_snapshot)
+
+    c = sub.add_parser("compact", help="fold pending adds and deletes into a new base index (O(corpus))")
+    common(c)
+    c.set_defaults(func=cmd_compact)
 
     i = sub.add_parser("info", help="show an index's manifest")
     common(i)

@@ -8,7 +8,7 @@ documents through `read_documents`, so a corpus means the same texts everywhere.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,12 @@ from leafkd.errors import LeafkdError
 
 @dataclass
 class Document:
-    """One document of a corpus."""
+    """One document of a corpus; ``metadata`` is an optional JSON object (filterable in an index)."""
 
     id: str
     title: str
     text: str
+    metadata: dict[str, Any] | None = None
 
     @property
     def full_text(self) -> str:
@@ -81,7 +82,7 @@ def corpus_file(path: str | Path) -> Path:
 class _Ids:
     """Ids for documents that have none: the next free number from `start`, skipping `taken`."""
 
-    def __init__(self, start: int, taken: set[str] | frozenset) -> None:
+    def __init__(self, start: int, taken: Container[str]) -> None:
         self.next, self.taken = start, taken
 
     def __call__(self) -> str:
@@ -103,14 +104,17 @@ def _jsonl_documents(path: Path, field: str, require_ids: bool, new_id: _Ids) ->
             raise LeafkdError(f"{path}:{lineno}: field {field!r} is not a string")
         raw_id = obj.get("_id", obj.get("id"))
         title = obj.get("title")
+        metadata = obj.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise LeafkdError(f"{path}:{lineno}: field 'metadata' is not a JSON object")
         yield Document(str(raw_id) if raw_id is not None else new_id(), title if isinstance(title, str) else "",
-                       obj[field])
+                       obj[field], metadata)
 
 
 def read_documents(path: str | Path, *, field: str = "text", require_ids: bool = False, keep_empty: bool = False,
-                   id_start: int = 0, taken: set[str] | frozenset = frozenset()) -> list[Document]:
-    """Documents of a BEIR folder / ``corpus.jsonl``, a ``.jsonl`` (``_id``/``id``, ``title``, `field`) or a ``.txt``
-    (a document a line), in file order.
+                   id_start: int = 0, taken: Container[str] = frozenset()) -> list[Document]:
+    """Documents of a BEIR folder / ``corpus.jsonl``, a ``.jsonl`` (``_id``/``id``, ``title``, `field`, an optional
+    ``metadata`` object) or a ``.txt`` (a document a line), in file order.
 
     Documents without an id get the next free number from `id_start` (skipping `taken` ids); ``require_ids``
     makes a missing ``_id`` an error (BEIR). Empty documents (blank title and text) are dropped unless

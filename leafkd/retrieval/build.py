@@ -36,13 +36,12 @@ from leafkd.retrieval.manifest import (
     MANIFEST,
     NAME_RE,
     check_indexes_dir,
-    finish_manifest,
     index_path,
     read_manifest,
-    save_generation,
     utc_now,
     writer_lock,
 )
+from leafkd.retrieval.segments import write_new_index
 from leafkd.vectors import normalize
 
 logger = logging.getLogger(__name__)
@@ -268,9 +267,7 @@ def build_index(name_or_path: str | Path, corpus: str | Path | Sequence[Document
                             doc_prompt=doc_prompt, query_prompt=query_prompt, search_params=search_params, fp16=fp16)
     with writer_lock(folder):
         check_target(folder, overwrite)  # again: another process may have made it while we embedded
-        with atomic_dir(folder) as tmp:
-            files = save_generation(tmp, 1, index, [d.id for d in docs], [d.title for d in docs],
-                                     [d.text for d in docs], keys)
-            write_json(tmp / MANIFEST, finish_manifest(tmp, manifest, files))
+        with atomic_dir(folder) as tmp:  # issue 20: base + keys + SQLite document store (leafkd.retrieval.segments)
+            write_json(tmp / MANIFEST, write_new_index(tmp, manifest, index, docs, keys))
         remove_embed_caches(folder)
     return folder

@@ -12,12 +12,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import faiss
-import numpy as np
-
-from leafkd.atomic import atomic_path, recover_dir, sha256_file, write_npy
+from leafkd.atomic import recover_dir, sha256_file
 from leafkd.errors import LeafkdError
-from leafkd.retrieval.docstore import write_docs
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +64,10 @@ def index_path(name_or_path: str | Path, indexes_dir: str | Path = DEFAULT_INDEX
     return check_indexes_dir(indexes_dir) / check_index_name(text)
 
 
+class IndexBusyError(LeafkdError):
+    """Another process holds the index's writer lock (a server answers 503: retry later)."""
+
+
 @contextlib.contextmanager
 def writer_lock(folder: Path) -> Iterator[None]:
     """Exclusive writer lock on an index folder, so two updates never interleave. Once it is held, whatever a
@@ -82,24 +82,12 @@ def writer_lock(folder: Path) -> Iterator[None]:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise LeafkdError(f"{folder}: another leafkd process is writing this index") from None
+                raise IndexBusyError(f"{folder}: another leafkd process is writing this index") from None
         except ImportError:  # not POSIX: no lock
             pass
         for p in recover_dir(folder):
             logger.info("removed %s, left by an interrupted run", p)
         yield
-
-
-def save_generation(folder: Path, gen: int, index, ids, titles, texts, keys: np.ndarray | None) -> dict[str, str]:
-    """Write the data files of generation ``gen`` (each atomically) and return {role: filename}."""
-    files = {"index": f"index.{gen}.faiss", "docs": f"docs.{gen}.jsonl"}
-    with atomic_path(folder / files["index"]) as tmp:
-        faiss.write_index(index, str(tmp))
-    write_docs(folder / files["docs"], ids, titles, texts)
-    if keys is not None:
-        files["keys"] = f"keys.{gen}.npy"
-        write_npy(folder / files["keys"], keys.astype(np.int64))
-    return files
 
 
 def finish_manifest(folder: Path, manifest: dict, files: dict[str, str]) -> dict:
@@ -108,15 +96,6 @@ def finish_manifest(folder: Path, manifest: dict, files: dict[str, str]) -> dict
     manifest["checksums"] = {f: sha256_file(folder / f) for f in files.values()}
     manifest["updated"] = utc_now()
     return manifest
-
-
-def remove_stale(folder: Path, manifest: dict) -> None:
-    """Drop data files of other generations (left by a completed swap or an interrupted update)."""
-    keep = set(manifest["files"].values()) | {MANIFEST}
-    for f in folder.iterdir():
-        if f.is_file() and f.name not in keep and re.match(r"^(index|docs|keys)\.\d+\.", f.name):
-            with contextlib.suppress(OSError):
-                f.unlink()
 
 
 # The manifest's keys and their types: (type, required). Values of the wrong type are a one-line error at load,
@@ -131,6 +110,7 @@ _MANIFEST_TYPES: dict[str, tuple[str, bool]] = {
     "teacher_fingerprints": ("dict", False), "fp16": ("bool", False), "normalized": ("bool", False),
     "metric": ("str", False), "teacher": ("str?", False), "doc_prompt": ("str?", False),
     "query_prompt": ("str?", False), "name": ("str?", False),
+    "store": ("file", False), "layout": ("positive", False), "base_seq": ("count", False),
 }
 
 
@@ -148,8 +128,9 @@ def _type_problem(kind: str, v) -> str | None:
         "positive": lambda: _is_int(v) and v >= 1,
         "count": lambda: _is_int(v) and v >= 0,
         "labels": lambda: v in ("keys", "positions"),
-        "files": lambda: isinstance(v, dict) and {"index", "docs"} <= set(v)
+        "files": lambda: isinstance(v, dict) and "index" in v
         and all(isinstance(x, str) and _FILE_RE.match(x) for x in v.values()),
+        "file": lambda: isinstance(v, str) and bool(_FILE_RE.match(v)),
         "checksums": lambda: isinstance(v, dict)
         and all(isinstance(x, str) and _SHA256_RE.match(x) for x in v.values()),
         "params": lambda: isinstance(v, dict) and all(isinstance(k, str) and (_is_int(x) or isinstance(x, float))
@@ -159,7 +140,8 @@ def _type_problem(kind: str, v) -> str | None:
         return None
     want = {"str": "a non-empty string", "str?": "a string or null", "bool": "true or false", "dict": "an object",
             "positive": "an integer >= 1", "count": "an integer >= 0", "labels": "'keys' or 'positions'",
-            "files": "an object with 'index' and 'docs' naming plain files in the folder",
+            "files": "an object with 'index' naming plain files in the folder",
+            "file": "a plain file name in the folder",
             "checksums": "an object of sha256 hex digests", "params": "an object of finite numbers"}[kind]
     return f"must be {want}, not {json.dumps(v)[:60]}"
 
@@ -176,6 +158,8 @@ def check_manifest(manifest, where: str | Path) -> dict:
         problem = _type_problem(kind, manifest[key])
         if problem:
             raise LeafkdError(f"{where}: manifest {key!r} {problem}")
+    if not manifest.get("store") and "docs" not in manifest["files"]:  # a layout-1 index keeps docs.<gen>.jsonl
+        raise LeafkdError(f"{where}: manifest names neither a document store ('store') nor a 'docs' file")
     return manifest
 
 

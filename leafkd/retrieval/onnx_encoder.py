@@ -21,7 +21,7 @@ from leafkd.student.onnx import FOLDER, read_export, session
 from leafkd.vectors import normalize
 
 
-class Backend(StrEnum):
+class QueryBackend(StrEnum):
     """What runs the query encoder."""
 
     TORCH = "torch"  # the student in torch (CPU or GPU; CUDA graphs on GPU)

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from leafkd.errors import LeafkdError
-from leafkd.retrieval.index import DocIndex, Hit, load_index
+from leafkd.retrieval.backend import Backend, Hit, SearchIndex
+from leafkd.retrieval.filters import Filter
+from leafkd.retrieval.index import load_index
 from leafkd.retrieval.manifest import DEFAULT_INDEXES_DIR
 from leafkd.retrieval.query_encoder import QueryEncoder
 from leafkd.student.info import read_student_info
@@ -44,16 +46,16 @@ class Mode(StrEnum):
             raise LeafkdError(f"unknown mode {value!r} (use {', '.join(m.value for m in cls)})") from None
 
 
-def load_encoder(path: str | Path, prompt: str | None, device: str | None, dtype, backend: str = "torch",
+def load_encoder(path: str | Path, prompt: str | None, device: str | None, dtype, query_backend: str = "torch",
                  threads: int = 1):
     """The query encoder of the model at `path`: torch (`QueryEncoder`) or its ONNX export (`OnnxQueryEncoder`,
     CPU, `threads` onnxruntime threads)."""
     from leafkd.models import resolve_model
-    from leafkd.retrieval.onnx_encoder import Backend, OnnxQueryEncoder
+    from leafkd.retrieval.onnx_encoder import OnnxQueryEncoder, QueryBackend
     from leafkd.student.static import load_student
 
     p = resolve_model(path)
-    if Backend(backend) is Backend.ONNX:
+    if QueryBackend(query_backend) is QueryBackend.ONNX:
         return OnnxQueryEncoder(p, prompt=prompt, threads=threads, name=str(p))
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return QueryEncoder(load_student(p, device=dev), prompt=prompt, device=dev, dtype=dtype, name=str(p))
@@ -66,7 +68,7 @@ def refuse_mismatch(problem: str, allow_mismatch: bool, advice: str) -> None:
     logger.warning("warning: %s; continuing because the fingerprint check was overridden", problem)
 
 
-def check_student(student: str | Path, index: DocIndex, allow_mismatch: bool = False) -> dict:
+def check_student(student: str | Path, index: SearchIndex, allow_mismatch: bool = False) -> dict:
     """Refuse a student that was not trained into the index's teacher space; returns its leafkd.json."""
     info = read_student_info(student)
     fp = info.get("teacher_fingerprint")
@@ -85,7 +87,7 @@ def check_student(student: str | Path, index: DocIndex, allow_mismatch: bool = F
     return info
 
 
-def check_model_built_index(model_path: str | Path, index: DocIndex, allow_mismatch: bool = False) -> None:
+def check_model_built_index(model_path: str | Path, index: SearchIndex, allow_mismatch: bool = False) -> None:
     """Refuse to query an index with a model that is not the one that embedded its documents."""
     from leafkd.models import fingerprint, resolve_model
 
@@ -97,10 +99,26 @@ def check_model_built_index(model_path: str | Path, index: DocIndex, allow_misma
     refuse_mismatch(problem, allow_mismatch, " (use --allow-fingerprint-mismatch to override)")
 
 
-class Retriever:
-    """An index plus the encoder that embeds its queries."""
+def open_index(index: str | Path | SearchIndex, *, backend: str | Backend = Backend.FAISS,
+               indexes_dir: str | Path = DEFAULT_INDEXES_DIR, uri: str | None = None, token: str | None = None,
+               verify: bool = True, gpu: bool | None = None, fp16: bool | None = None, shards: int = 1) -> SearchIndex:
+    """An index to search: a loaded one as it is, a FAISS index folder or name, or (``backend="milvus"``) the
+    Milvus collection ``index`` at ``uri`` (a Milvus Lite file, or ``http://host:19530`` with ``token``)."""
+    if not isinstance(index, (str, Path)):
+        return index
+    if Backend.parse(backend) is Backend.MILVUS:
+        from leafkd.retrieval.milvus import MilvusIndex
 
-    def __init__(self, index: DocIndex, encoder: QueryEncoder, mode: str | Mode = Mode.ASYMMETRIC) -> None:
+        if uri is None:
+            raise LeafkdError("the milvus backend needs a uri (a Milvus Lite .db path, or http://host:19530)")
+        return MilvusIndex.open(uri, str(index), token=token)
+    return load_index(index, indexes_dir, verify=verify, gpu=gpu, fp16=fp16, shards=shards)
+
+
+class Retriever:
+    """An index (any `SearchIndex` backend) plus the encoder that embeds its queries."""
+
+    def __init__(self, index: SearchIndex, encoder: QueryEncoder, mode: str | Mode = Mode.ASYMMETRIC) -> None:
         mode = Mode.parse(mode)
         if encoder.dim and encoder.dim != index.dim:
             raise LeafkdError(f"the query encoder emits {encoder.dim}-d vectors, the index is {index.dim}-d")
@@ -109,23 +127,26 @@ class Retriever:
         self.mode: Mode = mode
 
     @classmethod
-    def load(cls, index: str | Path | DocIndex, *, student: str | Path | None = None, teacher: str | Path | None = None,
-             mode: str | Mode = Mode.ASYMMETRIC, indexes_dir: str | Path = DEFAULT_INDEXES_DIR,
-             device: str | None = None, dtype: str | torch.dtype | None = None, gpu: bool | None = None,
-             fp16: bool | None = None, shards: int = 1, allow_fingerprint_mismatch: bool = False,
-             query_prompt: str | None = None, verify: bool = True, backend: str = "torch",
-             onnx_threads: int = 1) -> Retriever:
+    def load(cls, index: str | Path | SearchIndex, *, student: str | Path | None = None,
+             teacher: str | Path | None = None, mode: str | Mode = Mode.ASYMMETRIC,
+             indexes_dir: str | Path = DEFAULT_INDEXES_DIR, device: str | None = None,
+             dtype: str | torch.dtype | None = None, gpu: bool | None = None, fp16: bool | None = None, shards: int = 1,
+             allow_fingerprint_mismatch: bool = False, query_prompt: str | None = None, verify: bool = True,
+             backend: str | Backend = Backend.FAISS, uri: str | None = None, token: str | None = None,
+             query_backend: str = "torch", onnx_threads: int = 1) -> Retriever:
         """Load an index and the encoder for ``mode``, checking they share one vector space.
 
         - ``asymmetric``: queries by ``student``, whose leafkd.json teacher fingerprint must be the index's.
         - ``teacher``: queries by ``teacher`` (default: the teacher recorded in the index), which must have built it.
         - ``student``: queries by ``student`` over an index the student built itself.
 
-        ``backend="onnx"`` runs the query model's ONNX export (`leafkd export --onnx`) with ``onnx_threads``.
+        ``index`` is a FAISS index name or folder, a loaded index, or with ``backend="milvus"`` a Milvus collection
+        name at ``uri`` (``token``: the cluster's credentials).
+        ``query_backend="onnx"`` runs the query model's ONNX export (`leafkd export --onnx`) with ``onnx_threads``.
         """
         mode = Mode.parse(mode)
-        doc_index = index if isinstance(index, DocIndex) else load_index(index, indexes_dir, verify=verify, gpu=gpu,
-                                                                        fp16=fp16, shards=shards)
+        doc_index = open_index(index, backend=backend, indexes_dir=indexes_dir, uri=uri, token=token, verify=verify,
+                               gpu=gpu, fp16=fp16, shards=shards)
         allow = allow_fingerprint_mismatch
         if mode is Mode.ASYMMETRIC:
             if student is None:
@@ -150,7 +171,7 @@ class Retriever:
             check_model_built_index(student, doc_index, allow)
             prompt = query_prompt if query_prompt is not None else doc_index.manifest.get("query_prompt")
             path = student
-        encoder = load_encoder(path, prompt, device, dtype, backend, onnx_threads)
+        encoder = load_encoder(path, prompt, device, dtype, query_backend, onnx_threads)
         return cls(doc_index, encoder, mode)
 
     def warmup(self, freeze_gc: bool = False) -> None:
@@ -168,16 +189,20 @@ class Retriever:
         """Normalised query vectors (float32 [n, dim])."""
         return self.encoder(list(texts))
 
-    def search_vectors(self, vectors: np.ndarray, top_k: int = 10) -> list[list[Hit]]:
-        return self.index.hits(vectors, top_k)
+    def search_vectors(self, vectors: np.ndarray, top_k: int = 10, filter: Filter | dict | None = None
+                       ) -> list[list[Hit]]:
+        return self.index.hits(vectors, top_k, filter)
 
-    def search(self, queries: Sequence[str], top_k: int = 10) -> list[list[Hit]]:
-        """The ``top_k`` documents (id, score, title, text) of each query, best first."""
+    def search(self, queries: Sequence[str], top_k: int = 10, filter: Filter | dict | None = None) -> list[list[Hit]]:
+        """The ``top_k`` documents (id, score, title, text, metadata) of each query, best first, among the documents
+        whose metadata passes ``filter`` (e.g. ``{"year": {"gte": 2000}, "lang": "de"}``; see
+        `leafkd.retrieval.filters`)."""
         if isinstance(queries, str):
             raise TypeError("search() takes a list of queries; wrap a single query in a list")
         if top_k < 1:
             raise LeafkdError(f"top_k must be at least 1, got {top_k}")
-        return self.search_vectors(self.embed(queries), top_k)
+        flt = Filter.parse(filter)  # a bad filter fails before the queries are embedded
+        return self.search_vectors(self.embed(queries), top_k, flt)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -190,6 +215,7 @@ class Retriever:
             "cuda_graph_error": getattr(self.encoder, "graph_error", None),
             "index": str(self.index.path),
             "index_device": self.index.device,
+            "backend": self.index.manifest.get("backend", Backend.FAISS.value),
             "factory": self.index.manifest["factory"],
             "documents": self.index.count,
             "dim": self.index.dim,

@@ -2,7 +2,7 @@
 
 from leafkd.extras import require
 
-require(["fastapi", "uvicorn"], "server", "leafkd.server")
+require(["fastapi", "uvicorn", "prometheus_client"], "server", "leafkd.server")
 
 from leafkd.server.app import create_app  # noqa: E402
 from leafkd.server.limits import Limits  # noqa: E402

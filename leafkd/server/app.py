@@ -6,7 +6,9 @@ slices (`leafkd.server.batcher`): one forward pass, one FAISS search per slice. 
 served at once; once requests overlap, the worker also waits up to ``max_wait_ms`` to gather a fuller slice, so
 throughput rises with load while single queries stay fast. Large answers are built off the event loop.
 
-Endpoints: ``POST /search``, ``POST /embed``, ``GET /health``, ``GET /stats``, ``GET /openapi.json`` (and with
+Endpoints: ``POST /search``, ``POST /embed``, ``POST /v1/embeddings`` (OpenAI's API), ``POST``/``DELETE
+/documents``, ``GET /documents/{id}``, ``GET /health``, ``GET /stats``, ``GET /metrics`` (Prometheus),
+``GET /openapi.json`` (and with
 ``docs=True`` the ``/docs`` and ``/redoc`` pages, whose scripts the browser loads from a CDN). Bad input always
 gets a 4xx JSON body ``{"error": ..., "detail": ...}``; no path redirects (``/search/`` is a 404, not a 307).
 """
@@ -14,28 +16,37 @@ gets a 4xx JSON body ``{"error": ..., "detail": ...}``; no path redirects (``/se
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
 from leafkd import __version__
 from leafkd.retrieval.retriever import Retriever
 from leafkd.server.auth import api_key_dependencies
 from leafkd.server.batcher import MicroBatcher
+from leafkd.server.documents import DocumentUpdates, add_document_routes
+from leafkd.server.embeddings import add_embeddings_route
 from leafkd.server.errors import add_error_handlers
 from leafkd.server.guard import Guard
 from leafkd.server.limits import Limits
+from leafkd.server.metrics import Metrics
 from leafkd.server.routes import add_query_routes, add_status_routes
 from leafkd.server.schemas import request_models
 from leafkd.server.stats import Stats
+from leafkd.server.teacher import DocumentEncoder
 
 
 def create_app(retriever: Retriever, *, api_key: str | None = None, limits: Limits | None = None,
                max_batch: int = 256, max_wait_ms: float = 2.0, warmup: bool = True, docs: bool = False,
-               slice_tokens: int | None = None) -> FastAPI:
-    """The FastAPI app: ``/search``, ``/embed``, ``/health``, ``/stats``; ``api_key`` protects all but /health
-    (and /openapi.json). ``slice_tokens``: see `MicroBatcher` (None: by the encoder's device)."""
+               slice_tokens: int | None = None, teacher: DocumentEncoder | None = None) -> FastAPI:
+    """The FastAPI app: ``/search``, ``/embed``, ``/v1/embeddings``, ``/documents``, ``/health``, ``/stats``,
+    ``/metrics``; ``api_key`` protects all but /health (and /openapi.json). ``slice_tokens``: see `MicroBatcher`
+    (None: by the encoder's device). ``teacher``: the index's teacher, for adding documents and embedding them
+    (without it those requests are refused with a 403)."""
     limits = limits or Limits()
     stats = Stats()
     batcher = MicroBatcher(retriever, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=limits.max_queue,
                            slice_tokens=slice_tokens)
+    metrics = Metrics(retriever, batcher)
+    stats.observers.append(metrics.request)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -51,9 +62,13 @@ def create_app(retriever: Retriever, *, api_key: str | None = None, limits: Limi
     add_error_handlers(app)
     protected = api_key_dependencies(api_key)
     add_query_routes(app, retriever, batcher, request_models(limits), protected, limits)
-    add_status_routes(app, retriever, batcher, stats, limits, protected)
+    add_embeddings_route(app, retriever, batcher, teacher, protected, limits)
+    add_document_routes(app, DocumentUpdates(retriever.index, teacher, metrics), protected, limits)
+    add_status_routes(app, retriever, batcher, stats, limits, protected, metrics)
     app.state.batcher = batcher
     app.state.stats = stats
+    app.state.metrics = metrics
     routes = {getattr(r, "path", "") for r in app.routes}
-    app.add_middleware(Guard, stats=stats, max_body=limits.max_body_bytes, routes=routes)
+    templates = [(r.path, r.path_regex) for r in app.routes if isinstance(r, APIRoute) and "{" in r.path]
+    app.add_middleware(Guard, stats=stats, max_body=limits.max_body_bytes, routes=routes, templates=templates)
     return app

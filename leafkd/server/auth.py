@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends
-from fastapi.security import APIKeyHeader
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from leafkd.errors import LeafkdError
@@ -90,14 +90,20 @@ def auth_line(key: ApiKey | None, address: str, no_auth: bool) -> str:
 
 
 def api_key_dependencies(api_key: str | None) -> list[Any]:
-    """Route dependencies that require the ``X-API-Key`` header to be ``api_key`` (none without a key)."""
+    """Route dependencies that require the key, in the ``X-API-Key`` header or as ``Authorization: Bearer KEY``
+    (what OpenAI clients and Prometheus' ``authorization`` scrape setting send); none without a key."""
     if api_key is None:
         return []
     key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="the server's API key")
+    bearer = HTTPBearer(auto_error=False, description="the server's API key as a bearer token")
     want = api_key.encode("utf-8")
 
-    async def require_key(key: str | None = Depends(key_header)) -> None:
-        if not key or not hmac.compare_digest(key.encode("utf-8", "replace"), want):
-            raise StarletteHTTPException(401, "missing or wrong API key (header X-API-Key)")
+    def matches(given: str | None) -> bool:
+        return bool(given) and hmac.compare_digest(str(given).encode("utf-8", "replace"), want)
+
+    async def require_key(key: str | None = Depends(key_header),
+                          token: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if not (matches(key) or (token is not None and matches(token.credentials))):
+            raise StarletteHTTPException(401, "missing or wrong API key (header X-API-Key, or Authorization: Bearer)")
 
     return [Depends(require_key)]

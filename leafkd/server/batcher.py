@@ -19,11 +19,13 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from leafkd.retrieval.filters import Filter
 from leafkd.retrieval.retriever import Retriever
 
 # CPU: estimated tokens per slice (about 100-250 typical queries): one slice takes tens of milliseconds on two
@@ -48,6 +50,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     seq: int
+    filter: Filter | None = None  # searches: the metadata filter, applied inside the index search
     done: int = 0  # texts served so far
     parts: list[Any] = field(default_factory=list)  # results of the slices served so far, in order
 
@@ -96,6 +99,7 @@ class MicroBatcher:
         self.batches = 0
         self.batched_queries = 0
         self.max_seen = 0
+        self.on_slice: Callable[[int], None] | None = None  # called with the size of each slice served
 
     def start(self) -> None:
         if self._thread is None:
@@ -118,15 +122,16 @@ class MicroBatcher:
     def depth(self) -> int:
         return self._pending
 
-    async def submit(self, kind: str, texts: list[str], top_k: int = 10) -> Any:
-        """Embed (``kind`` "embed": a float32 array) or search (``"search"``: hits per text) ``texts``."""
+    async def submit(self, kind: str, texts: list[str], top_k: int = 10, filter: Filter | None = None) -> Any:
+        """Embed (``kind`` "embed": a float32 array) or search (``"search"``: hits per text, among the documents
+        that pass ``filter``) ``texts``."""
         with self._pending_lock:
             if self._pending + len(texts) > self.max_queue:
                 raise Overloaded()
             self._pending += len(texts)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._q.put(_Job(kind, texts, top_k, loop, fut, next(self._seq)))
+        self._q.put(_Job(kind, texts, top_k, loop, fut, next(self._seq), filter))
         return await fut
 
     # -- the worker
@@ -213,13 +218,17 @@ class MicroBatcher:
             job.done = len(job.texts)
 
     def _search(self, plan: list[tuple[_Job, int, int]], vectors: np.ndarray, starts: np.ndarray) -> dict[int, Any]:
-        """Hits of each search range of the slice: one FAISS search per distinct ``top_k``."""
+        """Hits of each search range of the slice: one FAISS search per distinct (``top_k``, filter)."""
         results: dict[int, Any] = {}
         search = [i for i, (job, _, _) in enumerate(plan) if job.kind == "search"]
-        for k in sorted({plan[i][0].top_k for i in search}):
-            members = [i for i in search if plan[i][0].top_k == k]
+        # keyed by repr: equal Filters may differ in JSON type (1 == True in Python, not in a filter)
+        groups: dict[tuple[int, str], list[int]] = {}
+        for i in search:
+            groups.setdefault((plan[i][0].top_k, repr(plan[i][0].filter)), []).append(i)
+        for (k, _), members in groups.items():
+            flt = plan[members[0]][0].filter
             rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in members])
-            hits = self.retriever.search_vectors(vectors[rows], k)
+            hits = self.retriever.search_vectors(vectors[rows], k, flt)
             pos = 0
             for i in members:
                 m = int(starts[i + 1] - starts[i])
@@ -236,6 +245,8 @@ class MicroBatcher:
             self.batches += 1
             self.batched_queries += len(texts)
             self.max_seen = max(self.max_seen, len(texts))
+            if self.on_slice is not None:
+                self.on_slice(len(texts))
             for i, (job, _, b) in enumerate(plan):
                 job.parts.append(results[i] if job.kind == "search" else vectors[starts[i] : starts[i + 1]])
                 job.done = b

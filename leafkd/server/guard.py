@@ -4,8 +4,9 @@ cannot pass it), security headers on every answer, and a record of each request 
 from __future__ import annotations
 
 import json
+import re
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -30,11 +31,19 @@ class Guard:
     grow `Stats` without bound. The 413 answer closes the connection, so the rest of a huge body is not read.
     """
 
-    def __init__(self, app, stats: Stats, max_body: int, routes: Collection[str]) -> None:
+    def __init__(self, app, stats: Stats, max_body: int, routes: Collection[str],
+                 templates: Sequence[tuple[str, re.Pattern]] = ()) -> None:
         self.app = app
         self.stats = stats
         self.max_body = max_body
         self.routes = frozenset(routes)
+        self.templates = list(templates)  # (route, its path regex): /documents/{doc_id} is one route
+
+    def route(self, path: str) -> str:
+        """The route a path is recorded under: itself, its template, or `OTHER_ROUTE`."""
+        if path in self.routes:
+            return path
+        return next((name for name, regex in self.templates if regex.match(path)), OTHER_ROUTE)
 
     async def _reject(self, send, path: str, t0: float) -> None:
         body = json.dumps({"error": f"request body over {self.max_body} bytes"}).encode()
@@ -49,8 +58,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
-        path = scope.get("path", "")
-        path = path if path in self.routes else OTHER_ROUTE
+        path = self.route(scope.get("path", ""))
         for k, v in scope.get("headers", []):
             if k == b"content-length" and (not v.isdigit() or int(v) > self.max_body):
                 await self._reject(send, path, t0)

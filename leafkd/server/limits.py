@@ -19,3 +19,5 @@ class Limits:
     max_response_bytes: int = 64 << 20
     max_body_bytes: int = 4 << 20  # counted as the body arrives, chunked or not
     max_queue: int = 20_000  # queued queries before new requests get 503
+    max_documents: int = 256  # per POST /documents, DELETE /documents or /v1/embeddings of documents
+    max_document_chars: int = 100_000  # title + text of one document (or one input_type=document text)

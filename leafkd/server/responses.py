@@ -7,6 +7,7 @@ refused, and one over `INLINE_BYTES` is built in a worker thread while the loop 
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Sequence
@@ -103,3 +104,27 @@ async def search_response(texts: Sequence[str], hits: Sequence[Sequence[Hit]], i
 async def embed_response(vectors: np.ndarray, model: str, t0: float, limit: int) -> Response:
     """The /embed answer, refused (`ResponseTooLarge`) when over ``limit`` bytes."""
     return await _bounded(int(vectors.size) * _FLOAT_BYTES + 128, limit, _render_embed, vectors, model, t0)
+
+
+def _render_openai(vectors: np.ndarray, model: str, base64_floats: bool, tokens: int) -> bytes:
+    if base64_floats:  # little-endian float32, as OpenAI sends it
+        data: list[Any] = [base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode("ascii")
+                           for v in vectors]
+    else:
+        data = np.round(vectors.astype(np.float64), 7).tolist()
+    out = [b'{"object":"list","data":[']
+    for start in range(0, len(data), _CHUNK):
+        items = [{"object": "embedding", "index": start + i, "embedding": e}
+                 for i, e in enumerate(data[start : start + _CHUNK])]
+        out.append((("," if start else "") + _json(items)[1:-1]).encode("utf-8"))
+    out.append(b'],"model":' + _json(model).encode("utf-8") + b',"usage":'
+               + _json({"prompt_tokens": tokens, "total_tokens": tokens}).encode("utf-8") + b"}")
+    return b"".join(out)
+
+
+async def openai_embeddings_response(vectors: np.ndarray, model: str, base64_floats: bool, tokens: int,
+                                     limit: int) -> Response:
+    """The ``/v1/embeddings`` answer in OpenAI's shape, refused (`ResponseTooLarge`) when over ``limit`` bytes."""
+    per_float = 6 if base64_floats else _FLOAT_BYTES
+    return await _bounded(int(vectors.size) * per_float + 64 * len(vectors) + 256, limit, _render_openai, vectors,
+                          model, base64_floats, tokens)

@@ -1,4 +1,5 @@
-"""The endpoints of the search server: ``POST /search``, ``POST /embed``, ``GET /health``, ``GET /stats``."""
+"""The endpoints of the search server: ``POST /search``, ``POST /embed``, ``GET /health``, ``GET /stats``,
+``GET /metrics`` (documents: `leafkd.server.documents`; OpenAI embeddings: `leafkd.server.embeddings`)."""
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations as real types at runtime.
 
@@ -7,11 +8,14 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from leafkd.retrieval.retriever import Retriever
 from leafkd.server.batcher import MicroBatcher
 from leafkd.server.limits import Limits
+from leafkd.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from leafkd.server.metrics import Metrics
 from leafkd.server.responses import embed_response, search_response
 from leafkd.server.schemas import ERROR_RESPONSES, EmbedResponse, RequestModels, SearchResponse
 from leafkd.server.stats import Stats
@@ -24,10 +28,10 @@ def add_query_routes(app: FastAPI, retriever: Retriever, batcher: MicroBatcher, 
 
     @app.post("/search", response_model=SearchResponse, responses=ERROR_RESPONSES, dependencies=protected)
     async def search(req: models.search):  # type: ignore[name-defined]
-        """Top-k documents of one query or a batch of queries."""
+        """Top-k documents of one query or a batch of queries, among those whose metadata passes ``filter``."""
         t0 = time.perf_counter()
         texts = req.texts()
-        hits = await batcher.submit("search", texts, req.top_k)
+        hits = await batcher.submit("search", texts, req.top_k, req.parsed_filter())
         return await search_response(texts, hits, req.include_text, retriever.mode, t0, limits.max_response_bytes)
 
     @app.post("/embed", response_model=EmbedResponse, responses=ERROR_RESPONSES, dependencies=protected)
@@ -59,8 +63,8 @@ def stats_report(retriever: Retriever, batcher: MicroBatcher, stats: Stats, limi
 
 
 def add_status_routes(app: FastAPI, retriever: Retriever, batcher: MicroBatcher, stats: Stats, limits: Limits,
-                      protected: list[Any]) -> None:
-    """``/health`` (open) and ``/stats``."""
+                      protected: list[Any], metrics: Metrics) -> None:
+    """``/health`` (open), ``/stats`` and ``/metrics``."""
 
     @app.get("/health")
     async def health():
@@ -73,3 +77,8 @@ def add_status_routes(app: FastAPI, retriever: Retriever, batcher: MicroBatcher,
     async def get_stats():
         """Requests, latency percentiles (ms), batching, index size and devices."""
         return stats_report(retriever, batcher, stats, limits)
+
+    @app.get("/metrics", dependencies=protected, responses=ERROR_RESPONSES, response_class=Response)
+    async def get_metrics():
+        """Prometheus text format: requests and latency per route, batch sizes, queue depth, index size, devices."""
+        return Response(await run_in_threadpool(metrics.render), media_type=METRICS_CONTENT_TYPE)

@@ -7,6 +7,7 @@ from typing import Annotated, Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from leafkd.retrieval.filters import Filter, FilterError
 from leafkd.server.limits import Limits
 
 
@@ -38,6 +39,7 @@ class HitOut(BaseModel):
     score: float
     title: str | None = None
     text: str | None = None
+    metadata: dict[str, Any] | None = None
 
 
 class QueryResult(BaseModel):
@@ -86,9 +88,16 @@ def request_models(limits: Limits) -> RequestModels:
                                               description="a batch of queries")
         top_k: int = Field(10, ge=1, le=limits.max_top_k, strict=True, description="documents per query")
         include_text: bool = Field(True, strict=True, description="return titles and texts, not only ids")
+        filter: dict[str, Any] | None = Field(None, description="metadata conditions, all of which a hit meets: "
+                                              '{"lang": "de", "year": {"gte": 2000, "lt": 2010}, '
+                                              '"tag": {"in": ["a", "b"]}}')
 
         @model_validator(mode="after")
         def _one_of(self):
+            try:
+                Filter.parse(self.filter)
+            except FilterError as e:  # one 422 line
+                raise ValueError(str(e)) from None
             n = len(one_or_batch(self.query, self.queries, ("query", "queries")))
             if n * self.top_k > limits.max_hits:
                 raise ValueError(f"{n} queries x top_k {self.top_k} = {n * self.top_k} hits, over this server's "
@@ -97,6 +106,9 @@ def request_models(limits: Limits) -> RequestModels:
 
         def texts(self) -> list[str]:
             return [self.query] if self.query is not None else list(self.queries or [])
+
+        def parsed_filter(self) -> Filter | None:
+            return Filter.parse(self.filter)
 
     class EmbedRequest(BaseModel):
         """One text (``text``) or a batch (``texts``), embedded by the query encoder."""
@@ -114,3 +126,60 @@ def request_models(limits: Limits) -> RequestModels:
             return [self.text] if self.text is not None else list(self.texts or [])
 
     return RequestModels(SearchRequest, EmbedRequest)
+
+
+class DocumentIn(BaseModel):
+    """A document to add: id, title and text (embedded by the teacher), and an optional JSON object of metadata."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=512, description="unique in the index")
+    title: str = ""
+    text: str = ""
+    metadata: dict[str, Any] | None = Field(None, description="filterable fields (a JSON object, up to 64 KiB)")
+
+
+class DocumentOut(BaseModel):
+    id: str
+    title: str
+    text: str
+    metadata: dict[str, Any] | None = None
+
+
+class DocumentModels(NamedTuple):
+    add: type[BaseModel]  # .documents: list[DocumentIn]
+    delete: type[BaseModel]  # .ids: list[str], .missing_ok
+
+
+def document_models(limits: Limits) -> DocumentModels:
+    """The ``POST /documents`` and ``DELETE /documents`` bodies, with the server's limits in their fields."""
+
+    class AddDocuments(BaseModel):
+        """Documents to embed with the index's teacher and add, all or none."""
+
+        model_config = ConfigDict(extra="forbid")
+        documents: list[DocumentIn] = Field(min_length=1, max_length=limits.max_documents)
+
+        @model_validator(mode="after")
+        def _texts(self):
+            for d in self.documents:
+                if not has_visible(d.id) or any(unicodedata.category(c) == "Cc" for c in d.id):
+                    raise ValueError(f"document id {d.id[:40]!r}: must be visible text without control characters")
+                if not has_visible(d.title + d.text):
+                    raise ValueError(f"document {d.id[:40]!r}: title and text are both empty")
+                if len(d.title) + len(d.text) > limits.max_document_chars:
+                    raise ValueError(f"document {d.id[:40]!r}: title + text over {limits.max_document_chars} "
+                                     "characters")
+            ids = [d.id for d in self.documents]
+            if len(set(ids)) != len(ids):
+                raise ValueError("document ids repeat within the request")
+            return self
+
+    class DeleteDocuments(BaseModel):
+        """Ids of documents to delete, all or none (unknown ids are a 404 unless ``missing_ok``)."""
+
+        model_config = ConfigDict(extra="forbid")
+        ids: list[Annotated[str, Field(min_length=1, max_length=512)]] = Field(min_length=1,
+                                                                               max_length=limits.max_documents)
+        missing_ok: bool = Field(False, strict=True, description="skip unknown ids instead of refusing the request")
+
+    return DocumentModels(AddDocuments, DeleteDocuments)

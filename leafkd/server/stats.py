@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -20,10 +21,13 @@ class Stats:
         self.statuses: collections.Counter[int] = collections.Counter()
         self.latency: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=window))
         self.queries = 0
+        self.observers: list[Callable[[str, int, float], None]] = []  # e.g. `leafkd.server.metrics.Metrics.request`
 
     def record(self, path: str, status: int, seconds: float) -> None:
         self.requests[path] += 1
         self.statuses[status] += 1
+        for observe in self.observers:
+            observe(path, status, seconds)
         if path in ("/search", "/embed") and status == 200:
             self.latency[path].append(seconds * 1000.0)
 
