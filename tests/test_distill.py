@@ -14,6 +14,7 @@ import pytest
 from test_server import wait_until_healthy
 
 from leafkd.capture.store import VectorStore
+from leafkd.data.beir import write_beir_subset
 from leafkd.data.documents import read_documents
 from leafkd.data.sources import text_hash
 from leafkd.pipeline import DistillConfig, distill
@@ -25,19 +26,7 @@ DOCS = 120
 @pytest.fixture(scope="module")
 def tiny_beir(tmp_path_factory, data_dir) -> Path:
     """The first DOCS Cranfield documents, with the queries judged against them (qrels restricted to them)."""
-    src = data_dir / "classic" / "cranfield"
-    out = tmp_path_factory.mktemp("tiny-cranfield")
-    docs = [json.loads(line) for line in (src / "corpus.jsonl").read_text().splitlines()[:DOCS]]
-    ids = {d["_id"] for d in docs}
-    (out / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    rows = [r.split("\t") for r in (src / "qrels" / "test.tsv").read_text().splitlines()[1:]]
-    rows = [r for r in rows if r[1] in ids]
-    (out / "qrels").mkdir()
-    (out / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join("\t".join(r) + "\n" for r in rows))
-    qids = {r[0] for r in rows}
-    queries = [q for q in (src / "queries.jsonl").read_text().splitlines() if json.loads(q)["_id"] in qids]
-    (out / "queries.jsonl").write_text("\n".join(queries) + "\n")
-    return out
+    return write_beir_subset(data_dir / "classic" / "cranfield", tmp_path_factory.mktemp("tiny-cranfield"), DOCS)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +67,8 @@ def test_the_teacher_embeds_each_document_once(run, tiny_beir):
     stored = store.vectors()
     for doc in read_documents(tiny_beir)[:5]:
         vec = index.index.reconstruct(index.row_of(doc.id))
-        np.testing.assert_allclose(vec, stored[row_of[text_hash(doc.full_text)]].astype(np.float32), atol=1e-5)  # renormalised only
+        stored_vec = stored[row_of[text_hash(doc.full_text)]].astype(np.float32)
+        np.testing.assert_allclose(vec, stored_vec, atol=1e-5)  # the stored row, only renormalised
 
 
 def test_a_rerun_reuses_every_stage(run, caplog):

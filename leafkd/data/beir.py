@@ -79,3 +79,28 @@ def read_beir(folder: str | Path, split: str = "test", *, queries: str | Path | 
         raise LeafkdError(f"{folder}: no documents")
     name = folder.name if folder.is_dir() else folder.stem
     return RetrievalSet(name, corpus, judged, relevance)
+
+
+def write_beir_subset(folder: str | Path, out: str | Path, documents: int, split: str = "test") -> Path:
+    """A BEIR folder of the first `documents` documents of `folder`, with the queries judged against them and their
+    relevance labels (a small real retrieval set: demos, tests). `out` must not hold a different subset."""
+    import json
+
+    from leafkd import atomic
+
+    src, out = Path(folder), Path(out)
+    lines = (src / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:documents]
+    ids = {str(json.loads(line)["_id"]) for line in lines}
+    rows = [r.split("\t") for r in (src / "qrels" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    rows = [r for r in rows if len(r) >= 3 and r[1] in ids]
+    qids = {r[0] for r in rows}
+    queries = [q for q in (src / "queries.jsonl").read_text(encoding="utf-8").splitlines()
+               if q.strip() and str(json.loads(q)["_id"]) in qids]
+    if not queries:
+        raise LeafkdError(f"{src}: no judged query among its first {documents} documents")
+    (out / "qrels").mkdir(parents=True, exist_ok=True)
+    atomic.write_text(out / "corpus.jsonl", "\n".join(lines) + "\n")
+    atomic.write_text(out / "queries.jsonl", "\n".join(queries) + "\n")
+    atomic.write_text(out / "qrels" / f"{split}.tsv",
+                      "query-id\tcorpus-id\tscore\n" + "".join("\t".join(r[:3]) + "\n" for r in rows))
+    return out
