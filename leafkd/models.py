@@ -186,7 +186,7 @@ def fingerprint(path: str | Path, prompt: str | None = None, normalize: bool = F
         rel = f.relative_to(path).as_posix()
         if f.name in _FINGERPRINT_SKIP or any(part.startswith(".") for part in f.relative_to(path).parts):
             continue
-        if rel.startswith(("checkpoints/", "onnx/", "openvino/")):
+        if rel.startswith(("checkpoints/", "onnx/", "openvino/", "leafkd-onnx/")):  # exports are not the model
             continue
         h.update(rel.encode())
         h.update(sha256_file(f).encode())

@@ -57,15 +57,24 @@ def test_adapt_text_command_on_cranfield(tmp_path, data_dir, capsys):
     assert (tmp_path / "b" / spans_file).read_bytes() == (tmp_path / "a" / spans_file).read_bytes()
 
 
+def _status(argv: list[str]) -> int | str | None:
+    """The exit status of `leafkd ARGV`: returned by a command, or the parser's exit on a bad option."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def test_adapt_text_errors_are_one_line(tmp_path, data_dir, capsys):
-    assert main(["adapt-text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
-    assert main(["adapt-text", str(tmp_path), "--out", str(tmp_path / "o")]) == 2  # a folder without corpus.jsonl
-    assert main(["adapt-text", str(data_dir / "classic" / "npl"), "--out", str(tmp_path / "o"), "--spans", "-1"]) == 2
+    assert _status(["adapt-text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert _status(["adapt-text", str(tmp_path), "--out", str(tmp_path / "o")]) == 2  # a folder without corpus.jsonl
+    assert _status(["adapt-text", str(data_dir / "classic" / "npl"), "--out", str(tmp_path / "o"), "--spans",
+                    "-1"]) == 2
     # A good source before a bad one: nothing is written for either.
-    assert main(["adapt-text", str(data_dir / "classic" / "cranfield"), str(tmp_path / "missing.txt"),
-                 "--out", str(tmp_path / "o")]) == 2
+    assert _status(["adapt-text", str(data_dir / "classic" / "cranfield"), str(tmp_path / "missing.txt"),
+                    "--out", str(tmp_path / "o")]) == 2
     (tmp_path / "file").write_text("x")
-    assert main(["adapt-text", str(data_dir / "classic" / "cranfield"), "--out", str(tmp_path / "file")]) == 2
+    assert _status(["adapt-text", str(data_dir / "classic" / "cranfield"), "--out", str(tmp_path / "file")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 5 and all(line.startswith("error: ") for line in err)
     assert "missing.txt" in err[0] and "corpus.jsonl" in err[1] and "--spans" in err[2] and "missing.txt" in err[3]

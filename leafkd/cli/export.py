@@ -4,7 +4,7 @@
 The pair loads with plain `SentenceTransformer(path)`; `encode_query` runs the student, `encode_document` (and
 plain `encode`) the teacher, so tools that know sentence-transformers' query/document routing (mteb included) use
 the pair as intended. The ONNX export (transformer or static table + pooling + Dense + normalisation, opset 17;
-``--int8``: dynamic int8 weights) is what `leafkd serve --backend onnx` runs.
+``--int8``: dynamic int8 weights) is what `leafkd serve --query-backend onnx` runs.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _run_onnx(args: argparse.Namespace) -> int:
     for kind, name in result.files.items():
         print(f"wrote {result.folder / name} ({kind}): cosine to torch min {result.cosine_min[kind]:.6f}, mean "
               f"{result.cosine_mean[kind]:.6f}")
-    print(f"serve it: leafkd serve --index INDEX --student {args.student} --backend onnx")
+    print(f"serve it: leafkd serve --index INDEX --student {args.student} --query-backend onnx")
     return 0
 
 
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--student", required=True, help="trained student folder (with leafkd.json)")
     p.add_argument("--teacher", default=None, help="teacher folder (default: the one in leafkd.json)")
     p.add_argument("--out", type=output_folder, help="output folder (the pair: required; --onnx: default "
-                   "STUDENT/leafkd-onnx, where `serve --backend onnx` looks)")
+                   "STUDENT/leafkd-onnx, where `serve --query-backend onnx` looks)")
     p.add_argument("--onnx", action="store_true", help="export the student's query pipeline as ONNX (extra 'onnx')")
     p.add_argument("--int8", action="store_true", help="with --onnx: also a dynamically int8-quantised graph")
     p.set_defaults(func=_run)

@@ -71,9 +71,10 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name, None) for f in fields(TrainConfig)}
     cfg = load_config(args.config, **overrides)
     for f in fields(TrainConfig):  # a --config file's values bypass the parser: the same ranges apply to them
-        problem = range_problem(f.name, getattr(cfg, f.name), _type_of(f.type), f.metadata)
-        if problem is not None and any(k in f.metadata for k in RANGE_KEYS):
-            raise LeafkdError(problem)
+        if any(k in f.metadata for k in RANGE_KEYS):
+            problem = range_problem(f.name, getattr(cfg, f.name), _type_of(f.type), f.metadata)
+            if problem is not None:
+                raise LeafkdError(problem)
     result = train(cfg)  # joins the torchrun process group when launched by torchrun
     main = distributed.is_main()
     distributed.shutdown()

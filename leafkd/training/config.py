@@ -101,9 +101,10 @@ class TrainConfig:
                                      "static (a token embedding table embedded by the base, model2vec-style, + mean "
                                      "pooling; padded batches)")
     student_layers: str | int | None = _opt(None, f"layers of the student base to keep: {SPEC_HELP}")
-    static_dim: int | None = _opt(None, "static: PCA dimensions of the token table (default: the base's dimension)")
+    static_dim: int | None = _opt(None, "static: PCA dimensions of the token table (default: the base's dimension)",
+                                  min=1)
     static_vocab: int | None = _opt(None, "static: embed only the first N token ids with the base (ids run roughly "
-                                    "by frequency; the rest start as the unknown token; 0: a random table)")
+                                    "by frequency; the rest start as the unknown token; 0: a random table)", min=0)
     static_init: StaticInit = _opt(StaticInit.FORWARD, "static: the table starts as each token embedded by the "
                                    "base (forward: model2vec-style, one pass over the vocabulary, seconds on a GPU) "
                                    "or as the base's input token embeddings (embeddings: instant)")
