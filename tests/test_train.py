@@ -107,7 +107,10 @@ def test_train_beats_ridge_and_writes_outputs(tmp_path, texts_file, minilm_path)
 
 def test_resume_after_kill_is_identical(tmp_path, texts_file, minilm_path):
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
-    train(load_config(None, **_args(texts_file, minilm_path, ref_out)))
+    # The reference runs as its own process too: this test process's torch settings (threads, set by other tests)
+    # would change the floating-point summation order and so the bits.
+    ref = [sys.executable, "-m", "leafkd", "train", *_cli(_args(texts_file, minilm_path, ref_out, checkpoint_every=3))]
+    assert subprocess.run(ref, capture_output=True, text=True).returncode == 0
     cmd = [sys.executable, "-m", "leafkd", "train", *_cli(_args(texts_file, minilm_path, out, checkpoint_every=3))]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 180
