@@ -17,6 +17,7 @@ from leafkd.capture.store import VectorStore
 from leafkd.data.beir import write_beir_subset
 from leafkd.data.documents import read_documents
 from leafkd.data.sources import text_hash
+from leafkd.errors import LeafkdError
 from leafkd.pipeline import DistillConfig, distill
 from leafkd.retrieval.index import load_index
 
@@ -101,3 +102,17 @@ def test_the_result_serves_a_query_over_http(run):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_subset_keeps_its_judged_queries_and_never_replaces_another_corpus(tiny_beir, data_dir, tmp_path):
+    ids = {d.id for d in read_documents(tiny_beir)}
+    qrels = [r.split("\t") for r in (tiny_beir / "qrels" / "test.tsv").read_text().splitlines()[1:]]
+    assert qrels and all(r[1] in ids for r in qrels)
+    judged = {r[0] for r in qrels}
+    assert {json.loads(q)["_id"] for q in (tiny_beir / "queries.jsonl").read_text().splitlines()} == judged
+    # The same subset again is a no-op; another one into the same folder is refused and changes nothing.
+    before = (tiny_beir / "corpus.jsonl").read_text()
+    write_beir_subset(data_dir / "classic" / "cranfield", tiny_beir, DOCS)
+    with pytest.raises(LeafkdError, match="holds another corpus"):
+        write_beir_subset(data_dir / "classic" / "cranfield", tiny_beir, DOCS + 10)
+    assert (tiny_beir / "corpus.jsonl").read_text() == before

@@ -98,8 +98,12 @@ def write_beir_subset(folder: str | Path, out: str | Path, documents: int, split
                if q.strip() and str(json.loads(q)["_id"]) in qids]
     if not queries:
         raise LeafkdError(f"{src}: no judged query among its first {documents} documents")
+    corpus_text = "\n".join(lines) + "\n"
+    existing = out / "corpus.jsonl"
+    if existing.exists() and existing.read_text(encoding="utf-8") != corpus_text:
+        raise LeafkdError(f"{out} holds another corpus; give a new folder (nothing was changed)")
     (out / "qrels").mkdir(parents=True, exist_ok=True)
-    atomic.write_text(out / "corpus.jsonl", "\n".join(lines) + "\n")
+    atomic.write_text(out / "corpus.jsonl", corpus_text)
     atomic.write_text(out / "queries.jsonl", "\n".join(queries) + "\n")
     atomic.write_text(out / "qrels" / f"{split}.tsv",
                       "query-id\tcorpus-id\tscore\n" + "".join("\t".join(r[:3]) + "\n" for r in rows))
