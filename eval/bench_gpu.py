@@ -322,6 +322,89 @@ def bench_training(args, device: torch.device, peak: float, out: Path) -> list[d
                      "ratio": sps / naive_stats["samples_per_s"] if same else None, "cuda_graphs": graphs,
                      "heldout_cos_diff_vs_naive": cos - naive_cos if same else None,
                      "mfu": (fpt * tps + proj_flops * sps) / (peak * 1e12) if peak == peak else None})
+    if args.profile:
+        default = results.get("leafkd train (packed; defaults: compiled, CUDA graphs)")
+        rows += profile_training(common, work, device, 1000 * args.batch / default[0] if default else float("nan"))
+    return rows
+
+
+KERNEL_KINDS = [  # (kind, substrings of a CUDA kernel's name), first match wins
+    ("attention (flash)", ("flash", "fmha", "attention")),
+    ("matmul (cuBLAS/CUTLASS)", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk")),
+    ("optimizer (fused AdamW, grad norm)", ("adam", "multi_tensor", "foreach", "norm_kernel")),
+    ("compiled elementwise/reductions (Triton)", ("triton",)),
+    ("copies and fills", ("memcpy", "memset", "copy", "fill", "cat", "index")),
+    ("other elementwise/reductions (eager)", ("elementwise", "reduce", "vectorized", "unrolled")),
+]
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def profile_training(common: dict, work: Path, device: torch.device, step_ms: float, wait: int = 40,
+                     active: int = 30) -> list[dict]:
+    """Where a training step's time goes: torch.profiler over `active` steady-state steps of `leafkd train` (packed,
+    compiled, CUDA graphs off: a replayed graph hides its kernels from the profiler), GPU kernel time by kind per
+    step, as a share of `step_ms` (the unprofiled default step, CUDA graphs on; the profiler slows the host, so the
+    profiled steps' own wall time is only recorded); the rest of `step_ms` is time the GPU waits for the host. The
+    step count is patched in through the TrainStep class so the profiler's schedule advances once per step."""
+    if device.type != "cuda":
+        return []
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from leafkd import load_config, train
+    from leafkd.training import steps as steps_module
+
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                   schedule=schedule(wait=wait, warmup=5, active=active, repeat=1))
+    marks: list[float] = []
+    original = steps_module.TrainStep.__call__
+
+    def stepped(self, batches, stats):
+        position = original(self, batches, stats)
+        prof.step()
+        if prof.step_num in (wait + 5, wait + 5 + active):  # the active window's edges
+            torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+        return position
+
+    cfg = load_config(None, output=str(work / "run-profile"), **{**common, "max_steps": wait + active + 10,
+                                                                  "packed": "true", "cuda_graphs": "false"})
+    steps_module.TrainStep.__call__ = stepped  # type: ignore[method-assign]
+    try:
+        with prof:
+            train(cfg)
+    finally:
+        steps_module.TrainStep.__call__ = original  # type: ignore[method-assign]
+    kernels: dict[str, float] = {}
+    by_kind: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", 0) or 0
+        if us <= 0 or str(getattr(event, "device_type", "")).endswith("CPU"):
+            continue
+        if getattr(event, "is_user_annotation", False) or event.key.startswith("ProfilerStep") or "#" in event.key:
+            continue  # GPU-side ranges of annotations (the profiler's step, Optimizer.step#...), not kernels
+        kernels[event.key] = kernels.get(event.key, 0) + us
+        by_kind[kernel_kind(event.key)] = by_kind.get(kernel_kind(event.key), 0) + us
+    window_ms = 1000 * (marks[1] - marks[0]) / active if len(marks) == 2 else float("nan")
+    busy_ms = sum(by_kind.values()) / 1000 / active
+    section = f"training step profile (batch {common['batch_size']}; GPU kernel ms per step, share of the default step)"
+    ranked = sorted(by_kind.items(), key=lambda kv: -kv[1])
+    rows = [{"section": section, "method": kind, "ms_per_step": us / 1000 / active,
+             "share_of_step": us / 1000 / active / step_ms} for kind, us in ranked]
+    rows.append({"section": section, "method": "GPU waiting for the host (default step - kernel time)",
+                 "ms_per_step": step_ms - busy_ms, "share_of_step": 1 - busy_ms / step_ms})
+    rows.append({"section": section, "method": "default step (CUDA graphs, unprofiled)", "ms_per_step": step_ms,
+                 "share_of_step": 1.0})
+    rows.append({"section": section, "method": "profiled step (graphs off, profiler overhead; not a speed)",
+                 "ms_per_step": window_ms})
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    (work.parent / "profile_top_kernels.json").write_text(json.dumps(
+        [{"kernel": k, "kind": kernel_kind(k), "ms_per_step": us / 1000 / active} for k, us in top], indent=2))
+    for r in rows:
+        print(json.dumps(r), flush=True)
     return rows
 
 
@@ -354,6 +437,8 @@ def main() -> None:
     p.add_argument("--padded-train", action="store_true", help="also time training with padded, length-grouped batches")
     p.add_argument("--big-batch", type=int, default=0, help="also time compiled packed training at this batch size")
     p.add_argument("--skip-capture", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile training steps (GPU kernel time by kind, GPU idle share) with torch.profiler")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
@@ -367,7 +452,8 @@ def main() -> None:
     print(f"packed attention for BERT students: {attention}", flush=True)
     rows: list[dict] = []
     cols = ["section", "method", "texts_per_s", "samples_per_s", "real_tokens_per_s", "ratio", "padding_fraction",
-            "mfu", "heldout_cos", "heldout_cos_diff_vs_naive", "cosine_to_st_output", "cuda_graphs", "seconds", "error"]
+            "mfu", "heldout_cos", "heldout_cos_diff_vs_naive", "cosine_to_st_output", "cuda_graphs", "seconds",
+            "ms_per_step", "share_of_step", "error"]
 
     def save() -> str:
         # Written after every section, so a run cut short still leaves what it measured.

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import leafkd.capture  # noqa: F401  (the stage subpackage, light; see `capture` below)
 from leafkd.errors import LeafkdError
 
 # Never reach the Hugging Face hub: every model is a local folder (see leafkd.models).
@@ -27,7 +29,6 @@ _PUBLIC = {
     "distill": "leafkd.pipeline.distill",
     "DistillConfig": "leafkd.pipeline.config",
     "load_distill_config": "leafkd.pipeline.config",
-    "capture": "leafkd.capture.teacher",
     "VectorStore": "leafkd.capture.store",
     "build_student": "leafkd.student.build",
     "TrainConfig": "leafkd.training.config",
@@ -41,7 +42,7 @@ _PUBLIC = {
 
 if TYPE_CHECKING:
     from leafkd.capture.store import VectorStore
-    from leafkd.capture.teacher import capture
+    from leafkd.data.sources import Corpus
     from leafkd.evaluation.runner import run_evaluation
     from leafkd.pipeline.config import DistillConfig, load_distill_config
     from leafkd.pipeline.distill import distill
@@ -51,6 +52,19 @@ if TYPE_CHECKING:
     from leafkd.student.build import build_student
     from leafkd.training.config import TrainConfig, load_config
     from leafkd.training.trainer import train
+
+
+def capture(teacher: str | Path, corpus: Corpus, out: str | Path, **options: Any) -> VectorStore:
+    """Embed `corpus` with the teacher into a vector store at `out`, resuming one that is there
+    (leafkd.capture.teacher.capture, whose keyword options it takes).
+
+    A function here rather than a lazy name: the subpackage `leafkd.capture` shares the name, and Python binds a
+    subpackage to its parent's attribute when it is first imported. It is imported above, before this definition,
+    so `from leafkd import capture` is this function whatever was imported first.
+    """
+    from leafkd.capture.teacher import capture as capture_corpus
+
+    return capture_corpus(teacher, corpus, out, **options)
 
 
 def __getattr__(name: str) -> Any:

@@ -105,3 +105,15 @@ def test_import_leafkd_stays_light():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "build_index" in r.stdout  # the lazy names are listed too
+
+
+def test_capture_is_the_function_whatever_was_imported_first():
+    """The subpackage `leafkd.capture` shares its name with the public function: importing the subpackage's
+    modules first (as the training code does) must not turn `from leafkd import capture` into the module."""
+    code = ("import inspect, leafkd.capture.store, leafkd.capture.teacher\n"
+            "from leafkd import capture\n"
+            "assert inspect.isfunction(capture), type(capture)\n"
+            "from leafkd.capture import VectorStore, capture_blackbox\n"
+            "assert inspect.isclass(VectorStore) and inspect.isfunction(capture_blackbox)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

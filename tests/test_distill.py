@@ -51,6 +51,10 @@ def test_every_stage_leaves_its_part(run, tiny_beir):
     assert all(0.0 < v <= 1.0 for v in result.scores.values())
     summary = json.loads((result.out / "summary.json").read_text())
     assert summary["scores"] == result.scores
+    seconds = summary["seconds"]  # where the time went, stage by stage (the training's own parts included)
+    assert {"train.capture", "train.setup", "train.steps", "train.finish", "train", "index", "evaluate",
+            "total"} <= set(seconds)
+    assert seconds["total"] >= seconds["train"] >= seconds["train.steps"] > 0
     assert "asymmetric" in (result.out / "report.md").read_text()
     assert (result.out / "scores.png").stat().st_size > 1000
     assert result.serve_command.startswith("leafkd serve --index ")
@@ -83,6 +87,7 @@ def test_a_rerun_reuses_every_stage(run, caplog):
     logs = caplog.text
     assert "student: reusing" in logs and "index: reusing" in logs
     assert again.scores == pytest.approx(result.scores)
+    assert "train.steps" not in again.seconds  # nothing was trained
 
 
 def test_the_result_serves_a_query_over_http(run):

@@ -62,7 +62,7 @@ def test_search_is_search_then_rescore(emb):
         assert np.array_equal(labels, order) and np.allclose(scores, np.take_along_axis(want, order, 1), atol=1e-5)
     with pytest.raises(LeafkdError, match="multiple of 8"):
         QuantizedIndex.build(emb[:, :100], "binary")
-    with pytest.raises(LeafkdError, match="unknown precision 'int4'"):
+    with pytest.raises(LeafkdError, match="precision must be int8 or binary, not 'int4'"):
         QuantizedIndex.build(emb, "int4")
 
 

@@ -92,7 +92,7 @@ def test_teacher_and_student_modes(minilm_path):
         Retriever.load(S.cranfield_index(), student=minilm_path, mode="student")
     with pytest.raises(LeafkdError, match="needs a student"):
         Retriever.load(S.cranfield_index(), mode="asymmetric")
-    with pytest.raises(LeafkdError, match="unknown mode"):
+    with pytest.raises(LeafkdError, match="mode must be asymmetric, teacher or student, not .sideways."):
         Retriever.load(S.cranfield_index(), student=S.student_dir(), mode="sideways")
     from leafkd.cli.serve import MODES  # the CLI spells the choices out (no FAISS needed for --help)
 

@@ -1,6 +1,32 @@
-"""Capture: the teacher's vectors of a corpus, computed once into a resumable, checksummed store."""
+"""Capture: the teacher's vectors of a corpus, computed once into a resumable, checksummed store.
 
-from leafkd.capture.store import VectorStore
-from leafkd.capture.teacher import capture, capture_blackbox, check_store_for_teacher
+Its names load on first use (PEP 562), so importing the subpackage loads no torch: `leafkd/__init__.py` imports it
+first thing, which keeps `leafkd.capture` the public function (see there).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_NAMES = {
+    "VectorStore": "leafkd.capture.store",
+    "capture": "leafkd.capture.teacher",
+    "capture_blackbox": "leafkd.capture.teacher",
+    "check_store_for_teacher": "leafkd.capture.teacher",
+}
+
+if TYPE_CHECKING:
+    from leafkd.capture.store import VectorStore
+    from leafkd.capture.teacher import capture, capture_blackbox, check_store_for_teacher
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'leafkd.capture' has no attribute {name!r}")
+
 
 __all__ = ["VectorStore", "capture", "capture_blackbox", "check_store_for_teacher"]

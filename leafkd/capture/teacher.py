@@ -39,8 +39,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Texts to capture from which compiling the teacher's forward pays for its ~20-40 s (on CUDA, auto).
-AUTO_COMPILE_TEXTS = 50_000
+# Texts to capture from which compiling the teacher's forward pays for itself (on CUDA, auto). Measured on one H200
+# with all-mpnet-base-v2 (eval/BENCHMARKS.md, H200): a cold compile costs ~25 s, and it saves 5.9 us per short text
+# (46.8k -> 64.4k texts/s) and 17 us per passage (8.1k -> 9.5k/s): break-even at ~4.3M short texts or ~1.4M
+# passages. Below this, compiling made `leafkd capture` of the 379k-text generic mix slower, not faster.
+AUTO_COMPILE_TEXTS = 2_000_000
 PENDING = ".pending"  # per-shard completion records of a distributed capture, merged into the manifest at the end
 
 
@@ -168,7 +171,7 @@ def capture(teacher: str | Path, corpus: Corpus, out: str | Path, *, prompt: str
     """Embed `corpus` with the teacher into a vector store at `out` (resuming one that is there).
 
     ``compile``: torch.compile the teacher's packed forward; None (auto) compiles on CUDA when there are at
-    least `AUTO_COMPILE_TEXTS` texts to embed, where the ~20-40 s of compilation pays for itself.
+    least `AUTO_COMPILE_TEXTS` texts (2M), where the ~25 s of a cold compilation pays for itself.
 
     Under `torchrun` (WORLD_SIZE > 1) the shards are split over the ranks; see `_capture_distributed`.
     """

@@ -15,20 +15,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from leafkd.choices import Choice
 from leafkd.data.paths import data_dir as find_data_dir
 from leafkd.errors import LeafkdError
 from leafkd.student.info import read_student_info
 from leafkd.vectors import ridge_fit
 
 
-class Mode(StrEnum):
+class Mode(Choice):
     """An evaluation row: which model encodes queries and which encodes documents (see the module docstring)."""
 
     TEACHER = "teacher"
@@ -40,13 +40,7 @@ class Mode(StrEnum):
 
 def parse_modes(modes: Iterable[str]) -> list[Mode]:
     """`Mode`s from their names; an unknown name is a one-line `LeafkdError`."""
-    out = []
-    for mode in modes:
-        try:
-            out.append(Mode(mode))
-        except ValueError:
-            raise LeafkdError(f"unknown mode {mode!r} (known: {', '.join(m.value for m in Mode)})") from None
-    return out
+    return [Mode.parse(mode, "mode") for mode in modes]
 
 
 # The models each mode encodes with, as `ModelSet` attributes.

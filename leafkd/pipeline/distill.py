@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ class DistillResult:
     serve_command: str
     teacher_texts: int  # texts the teacher embedded (each once), documents included
     documents: int
+    seconds: dict[str, float]  # wall time of each stage of this call (a reused stage takes ~0)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -77,8 +79,9 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _train(cfg: DistillConfig) -> tuple[Path, dict[str, Any]]:
-    """Train (or reuse a finished student of the same options); returns the model folder and its leafkd.json."""
+def _train(cfg: DistillConfig) -> tuple[Path, dict[str, Any], dict[str, float]]:
+    """Train (or reuse a finished student of the same options); returns the model folder, its leafkd.json and
+    the training's own timings (capture, setup, steps, finish; empty when reused)."""
     from leafkd.training.config import load_config
     from leafkd.training.trainer import train
 
@@ -87,9 +90,9 @@ def _train(cfg: DistillConfig) -> tuple[Path, dict[str, Any]]:
     info = read_student_info(model)
     if info.get("config") and info.get("result_key") == train_cfg.result_key():
         logger.info("student: reusing %s (trained with the same options)", model)
-        return model, info
-    train(train_cfg)
-    return model, read_student_info(model)
+        return model, info, {}
+    result = train(train_cfg)
+    return model, read_student_info(model), result.get("seconds", {})
 
 
 def document_vectors(store: VectorStore, docs: list[Document]) -> np.ndarray:
@@ -136,12 +139,22 @@ def distill(cfg: DistillConfig) -> DistillResult:
     check_unique_ids(docs, cfg.corpus)
     task = retrieval_task(cfg) if cfg.evaluate else None  # bad queries/qrels fail before any model work
     out.mkdir(parents=True, exist_ok=True)
-    model, info = _train(cfg)
+    started = time.perf_counter()
+    model, info, train_seconds = _train(cfg)
+    seconds = {f"train.{k}": v for k, v in train_seconds.items()}
+    seconds["train"] = time.perf_counter() - started
     store = VectorStore.open(cfg.store_path)
+    mark = time.perf_counter()
     index = _index(cfg, docs, store)
+    seconds["index"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     scores = evaluate_distilled(cfg, task, model, store) if task is not None else None
+    seconds["evaluate"] = time.perf_counter() - mark
+    seconds["total"] = time.perf_counter() - started
+    logger.info("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     serve = f"leafkd serve --index {index} --student {model}"
-    result = DistillResult(out, model, index, cfg.store_path, scores, serve, store.count, len(docs))
+    result = DistillResult(out, model, index, cfg.store_path, scores, serve, store.count, len(docs),
+                           {k: round(v, 2) for k, v in seconds.items()})
     atomic.write_json(out / SUMMARY, {**result.as_dict(), "config": asdict(cfg),
                                       "student_metrics": info.get("metrics")})
     return result

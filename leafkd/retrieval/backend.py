@@ -7,12 +7,12 @@ Two backends implement it: `leafkd.retrieval.index.DocIndex` (FAISS + the SQLite
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from leafkd.choices import Choice
 from leafkd.data.documents import Document
 from leafkd.errors import LeafkdError
 
@@ -42,18 +42,11 @@ class InvalidDocumentError(DocumentError):
     """A document the index cannot take (metadata that is not a JSON object, a text over a backend's limit; 422)."""
 
 
-class Backend(StrEnum):
+class Backend(Choice):
     """Where the teacher's document vectors live."""
 
     FAISS = "faiss"  # an index folder: FAISS + SQLite on this machine
     MILVUS = "milvus"  # a Milvus collection (Milvus Lite file, or a cluster)
-
-    @classmethod
-    def parse(cls, value: str | Backend) -> Backend:
-        try:
-            return cls(value)
-        except ValueError:
-            raise LeafkdError(f"unknown backend {value!r} (use {', '.join(b.value for b in cls)})") from None
 
 
 @dataclass

@@ -10,18 +10,18 @@ from __future__ import annotations
 import gc
 import threading
 from collections.abc import Sequence
-from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 
+from leafkd.choices import Choice
 from leafkd.errors import LeafkdError
 from leafkd.retrieval.query_encoder import length_groups
 from leafkd.student.onnx import FOLDER, read_export, session
 from leafkd.vectors import normalize
 
 
-class QueryBackend(StrEnum):
+class QueryBackend(Choice):
     """What runs the query encoder."""
 
     TORCH = "torch"  # the student in torch (CPU or GPU; CUDA graphs on GPU)

@@ -20,7 +20,6 @@ deletes, filters and compaction work as for any index.
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import faiss
 import numpy as np
 
 from leafkd.atomic import atomic_path, write_npy
+from leafkd.choices import Choice
 from leafkd.errors import LeafkdError
 
 DEFAULT_MULTIPLIER = 4
@@ -35,14 +35,14 @@ SQ8_TRAIN_MAX = 100_000
 CHUNK = 65536
 
 
-class Precision(StrEnum):
+class Precision(Choice):
     """What the in-memory search index holds."""
 
     INT8 = "int8"
     BINARY = "binary"
 
 
-class Rescore(StrEnum):
+class Rescore(Choice):
     """Which document vectors (on disk) rescore the candidates."""
 
     NONE = "none"
@@ -51,13 +51,6 @@ class Rescore(StrEnum):
 
 
 DEFAULT_RESCORE = {Precision.BINARY: Rescore.INT8, Precision.INT8: Rescore.FLOAT32}
-
-
-def parse_choice(enum: Any, value: Any, what: str) -> Any:
-    try:
-        return enum(value)
-    except ValueError:
-        raise LeafkdError(f"unknown {what} {value!r} (use {', '.join(m.value for m in enum)})") from None
 
 
 def binary_codes(x: np.ndarray) -> np.ndarray:
@@ -101,8 +94,8 @@ class QuantizedIndex:
     def build(cls, vectors: np.ndarray, precision: Precision | str, rescore: Rescore | str | None = None,
               multiplier: int = DEFAULT_MULTIPLIER) -> QuantizedIndex:
         """Quantise normalised float vectors (calibrating int8 ranges on them)."""
-        prec: Precision = parse_choice(Precision, precision, "precision")
-        resc: Rescore = parse_choice(Rescore, rescore if rescore is not None else DEFAULT_RESCORE[prec], "rescoring")
+        prec = Precision.parse(precision, "precision")
+        resc = Rescore.parse(rescore if rescore is not None else DEFAULT_RESCORE[prec], "rescoring")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         dim = vectors.shape[1]
         if prec is Precision.BINARY:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Sequence
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from leafkd.choices import Choice
 from leafkd.errors import LeafkdError
 from leafkd.retrieval.backend import Backend, Hit, SearchIndex
 from leafkd.retrieval.filters import Filter
@@ -30,20 +30,12 @@ from leafkd.student.info import read_student_info
 logger = logging.getLogger(__name__)
 
 
-class Mode(StrEnum):
+class Mode(Choice):
     """Which model embeds the queries, and which index it may search."""
 
     ASYMMETRIC = "asymmetric"  # a student over its teacher's index
     TEACHER = "teacher"  # the teacher over the index it built
     STUDENT = "student"  # a student over an index it built itself
-
-    @classmethod
-    def parse(cls, value: str | Mode) -> Mode:
-        """The mode named ``value``; an unknown name is a one-line `LeafkdError`."""
-        try:
-            return cls(value)
-        except ValueError:
-            raise LeafkdError(f"unknown mode {value!r} (use {', '.join(m.value for m in cls)})") from None
 
 
 def load_encoder(path: str | Path, prompt: str | None, device: str | None, dtype, query_backend: str = "torch",
@@ -55,7 +47,7 @@ def load_encoder(path: str | Path, prompt: str | None, device: str | None, dtype
     from leafkd.student.static import load_student
 
     p = resolve_model(path)
-    if QueryBackend(query_backend) is QueryBackend.ONNX:
+    if QueryBackend.parse(query_backend, "query_backend") is QueryBackend.ONNX:
         return OnnxQueryEncoder(p, prompt=prompt, threads=threads, name=str(p))
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return QueryEncoder(load_student(p, device=dev), prompt=prompt, device=dev, dtype=dtype, name=str(p))
@@ -106,7 +98,7 @@ def open_index(index: str | Path | SearchIndex, *, backend: str | Backend = Back
     Milvus collection ``index`` at ``uri`` (a Milvus Lite file, or ``http://host:19530`` with ``token``)."""
     if not isinstance(index, (str, Path)):
         return index
-    if Backend.parse(backend) is Backend.MILVUS:
+    if Backend.parse(backend, "backend") is Backend.MILVUS:
         from leafkd.retrieval.milvus import MilvusIndex
 
         if uri is None:
@@ -119,7 +111,7 @@ class Retriever:
     """An index (any `SearchIndex` backend) plus the encoder that embeds its queries."""
 
     def __init__(self, index: SearchIndex, encoder: QueryEncoder, mode: str | Mode = Mode.ASYMMETRIC) -> None:
-        mode = Mode.parse(mode)
+        mode = Mode.parse(mode, "mode")
         if encoder.dim and encoder.dim != index.dim:
             raise LeafkdError(f"the query encoder emits {encoder.dim}-d vectors, the index is {index.dim}-d")
         self.index = index
@@ -144,7 +136,7 @@ class Retriever:
         name at ``uri`` (``token``: the cluster's credentials).
         ``query_backend="onnx"`` runs the query model's ONNX export (`leafkd export --onnx`) with ``onnx_threads``.
         """
-        mode = Mode.parse(mode)
+        mode = Mode.parse(mode, "mode")
         doc_index = open_index(index, backend=backend, indexes_dir=indexes_dir, uri=uri, token=token, verify=verify,
                                gpu=gpu, fp16=fp16, shards=shards)
         allow = allow_fingerprint_mismatch

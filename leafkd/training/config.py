@@ -6,29 +6,13 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from leafkd.choices import Choice
 from leafkd.errors import LeafkdError
 from leafkd.student.choice import resolve_student
 from leafkd.student.layers import SPEC_HELP, canonical_layers
-
-
-class Choice(StrEnum):
-    """An option with fixed choices. A `str`, so comparisons, JSON and the result key see its value."""
-
-    @classmethod
-    def parse(cls, value: Any, option: str) -> Choice:
-        """The choice named by a TOML or command-line value (any case; a TOML boolean names true/false)."""
-        if isinstance(value, cls):
-            return value
-        text = ("true" if value else "false") if isinstance(value, bool) else str(value).lower()
-        try:
-            return cls(text)
-        except ValueError:
-            names = [c.value for c in cls]
-            raise LeafkdError(f"{option} must be {', '.join(names[:-1])} or {names[-1]}, not {value!r}") from None
 
 
 class Projection(Choice):
@@ -129,7 +113,7 @@ class TrainConfig:
     max_steps: int | None = _opt(None, "stop after this many optimiser steps (overrides epochs)", min=1)
     batch_size: int = _opt(128, "texts per micro-batch", min=1)
     grad_accum: int = _opt(1, "micro-batches per optimiser step", min=1)
-    lr: float = _opt(2e-4, "peak learning rate of the encoder", gt=0)
+    lr: float = _opt(1e-3, "peak learning rate of the encoder (1e-3: the measured best, eval/RESULTS.md)", gt=0)
     projection_lr: float = _opt(1e-3, "peak learning rate of the projection layer", gt=0)
     warmup: float = _opt(0.05, "warm-up fraction of the steps", min=0, max=1)
     weight_decay: float = _opt(0.01, "AdamW weight decay", min=0)

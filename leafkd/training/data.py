@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class TrainData:
     fingerprint: str
     teacher_meta: dict
     bank_texts: list[str] | None = None  # the texts the bank loss names (--bank-data, --bank-from-adapt)
+    capture_seconds: float = 0.0  # the teacher's capture (or the black-box import) of this run
 
 
 def prepare_data(cfg: TrainConfig, out: Path) -> TrainData:
@@ -41,6 +43,7 @@ def prepare_data(cfg: TrainConfig, out: Path) -> TrainData:
     if bank_texts is not None and corpus is not None:  # fail before the capture, not after it
         check_bank_texts(bank_texts, set(corpus.texts))
     store_path = Path(cfg.vectors) if cfg.vectors else out / "teacher-vectors"
+    started = time.perf_counter()
     if cfg.teacher_vectors:
         if corpus is None:
             raise LeafkdError("--teacher-vectors needs --data: the texts the vectors embed")
@@ -55,6 +58,7 @@ def prepare_data(cfg: TrainConfig, out: Path) -> TrainData:
         store = VectorStore.open(store_path)
         if cfg.teacher is not None:
             check_store_for_teacher(store, cfg.teacher)
+    capture_seconds = time.perf_counter() - started
     texts = store.texts()
     vectors = np.asarray(store.vectors())
     if corpus is not None:
@@ -78,7 +82,7 @@ def prepare_data(cfg: TrainConfig, out: Path) -> TrainData:
     heldout_idx = np.sort(order[: cfg.heldout])
     train_idx = np.sort(order[cfg.heldout :])
     return TrainData(texts, vectors, weights, train_idx, heldout_idx, store.fingerprint, dict(store.manifest),
-                     bank_texts)
+                     bank_texts, capture_seconds)
 
 
 def check_bank_texts(bank_texts: list[str], known) -> None:

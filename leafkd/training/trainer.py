@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -68,6 +69,7 @@ class Trainer:
     """One training run of a TrainConfig: everything is set up on construction; `run()` trains and saves."""
 
     def __init__(self, cfg: TrainConfig):
+        started = time.perf_counter()
         validate(cfg)
         self.cfg = cfg
         dist_.init_from_env(cfg.device)
@@ -93,6 +95,9 @@ class Trainer:
         if state is None:
             baseline = self.evaluate()
             self.metrics.write({"type": "baseline", "step": 0, "name": "ridge", **baseline})
+        # Where a run's time goes (the capture inside the set-up is counted apart): summary.json and metrics.jsonl.
+        setup = time.perf_counter() - started
+        self.seconds = {"capture": self.data.capture_seconds, "setup": setup - self.data.capture_seconds}
 
     # -- setup, in the order a resumed run must repeat (each part may draw from the seeded RNGs) ----------------
     def setup_student(self) -> None:
@@ -226,6 +231,7 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.step_count, desc="train", unit="step", smoothing=0.05)
         batches = self.loader.stream(self.epoch, self.position)
         self.stats = StepStats(self.device)
+        started = time.perf_counter()
         try:
             while self.step_count < self.total_steps:
                 record = self.step(batches)
@@ -236,6 +242,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+        self.seconds["steps"] = time.perf_counter() - started  # the loop, its evaluations and checkpoints included
         return self.finish()
 
     def step(self, batches: Iterator) -> dict[str, Any] | None:
@@ -284,6 +291,7 @@ class Trainer:
     # -- the end ----------------------------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
         """Final evaluation and fit, the model folder (with leafkd.json), the last checkpoint and the curves."""
+        started = time.perf_counter()
         graph_stats = self.release_graphs()
         final = self.evaluate()
         train_fit = self.training_fit()
@@ -298,8 +306,11 @@ class Trainer:
         if self.cfg.plot and self.is_main:
             plot_curves(self.metrics.records, self.out / "curves.png")
         dist_.barrier()  # the others return once rank 0 has written the model
+        self.seconds["finish"] = time.perf_counter() - started
+        self.metrics.write({"type": "timing", "step": self.step_count, **self.seconds})
+        logger.info("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
         return {"model": str(model_dir), "final": final, "ridge_baseline": ridge, "steps": self.step_count,
-                "train_fit": train_fit, "cuda_graphs": graph_stats}
+                "train_fit": train_fit, "cuda_graphs": graph_stats, "seconds": dict(self.seconds)}
 
     def release_graphs(self) -> dict[str, Any] | None:
         """The CUDA graphs' counts (None without graphs); their memory pool is freed for the final evaluation."""
