@@ -177,7 +177,7 @@ def test_two_rank_step_equals_single_step(train_runs):
     diff = max(float((a["model"][k].float() - b["model"][k].float()).abs().max()) for k in a["model"])
     assert diff <= 1e-6, diff
     records = [json.loads(l) for l in (train_runs[2] / "metrics.jsonl").read_text().splitlines()]
-    assert [r["type"] for r in records] == ["eval", "baseline", "train", "eval", "train_fit"]
+    assert [r["type"] for r in records] == ["eval", "baseline", "train", "eval", "train_fit", "timing"]
     single = [json.loads(l) for l in (train_runs[1] / "metrics.jsonl").read_text().splitlines()]
     assert records[2]["loss"] == pytest.approx(single[2]["loss"], rel=1e-5)
     assert records[2]["samples_per_s"] > 0

@@ -60,6 +60,32 @@ def test_named_students_resolve_to_the_teacher_in_training_and_distill_options()
     assert distill.student == "t" and distill.train["student_layers"] == "every:2"
 
 
+def test_one_string_names_a_frontier_point_with_the_same_result_key():
+    """`--student teacher:first:6` is `--student teacher --student-layers first:6` (the frontier's names)."""
+    spelled = load_config(None, teacher="t", data=["d"], student="teacher:first:6")
+    split = load_config(None, teacher="t", data=["d"], student="teacher", student_layers="first:6")
+    assert spelled.student == "t" and spelled.student_layers == 6
+    assert spelled.result_key() == split.result_key()
+    static = load_config(None, teacher="t", data=["d"], student="static:256")
+    assert static.student_kind is StudentKind.STATIC and static.static_dim == 256
+    assert load_config(None, teacher="t", data=["d"], student="teacher:every:2", student_layers="every:2"
+                       ).student_layers == "every:2"  # the same value twice is fine
+    cut = DistillConfig(corpus="c", teacher="t", student="s:first:2")
+    assert cut.student == "s" and cut.train["student_layers"] == 2
+    assert DistillConfig(corpus="c", teacher="t", student="static:64").train == {"student_kind": "static",
+                                                                                  "static_dim": 64}
+    for bad, message in [({"student": "teacher:first:6", "student_layers": 3}, "disagree"),
+                         ({"student": "static:x"}, "static:DIM takes"), ({"student": "teacher:sideways"}, "after NAME")]:
+        with pytest.raises(LeafkdError, match=message):
+            load_config(None, teacher="t", data=["d"], **bad)
+
+
+def test_a_folder_whose_name_has_a_colon_is_a_folder(tmp_path):
+    folder = tmp_path / "model:v2"
+    folder.mkdir()
+    assert load_config(None, teacher="t", data=["d"], student=str(folder)).student == str(folder)
+
+
 def _train_kind(tmp_path, texts_file, minilm_path, **student):
     out = tmp_path / "run"
     args = {"teacher": str(minilm_path), "data": [str(texts_file)], "heldout": 40, "max_steps": 4,

@@ -97,10 +97,14 @@ def test_train_beats_ridge_and_writes_outputs(tmp_path, texts_file, minilm_path)
     model = SentenceTransformer(str(model_dir), device="cpu")
     assert model.encode(["x"]).shape == (1, 384)
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert any(r["type"] == "train" for r in records) and records[-2]["type"] == "eval"
+    assert any(r["type"] == "train" for r in records) and records[-3]["type"] == "eval"
     # The fit on a sample of training texts is recorded next to the held-out numbers (the overfitting gap).
     fit = result["train_fit"]
-    assert records[-1] == {"type": "train_fit", "step": result["steps"], **fit}
+    assert records[-2] == {"type": "train_fit", "step": result["steps"], **fit}
+    # Last, where the run's time went (also returned, and in distill's summary.json).
+    assert records[-1] == {"type": "timing", "step": result["steps"], **result["seconds"]}
+    assert set(result["seconds"]) == {"capture", "setup", "steps", "finish"}
+    assert all(v >= 0 for v in result["seconds"].values()) and result["seconds"]["steps"] > 0
     assert info["metrics"]["train_fit"] == fit and fit["cos_mean"] > ridge["heldout_cos_mean"]
     assert (out / "curves.png").stat().st_size > 1000
 

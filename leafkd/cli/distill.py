@@ -58,7 +58,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("corpus", nargs="?", help="documents: a BEIR folder, corpus.jsonl, a .jsonl (_id, title, text) "
                    "or a .txt (or corpus = ... in the --config file's [distill] table)")
     p.add_argument("--teacher", help="teacher model folder or installed name")
-    p.add_argument("--student", help="student base encoder (default: all-MiniLM-L6-v2)")
+    p.add_argument("--student", help="student base encoder (default: all-MiniLM-L6-v2); 'teacher' (its own layers) "
+                   "or 'static', and NAME:LAYERS / static:DIM in one string (teacher:first:6, static:256)")
     p.add_argument("--out", type=output_folder, help="run folder (default: runs/distill)")
     p.add_argument("--queries", help="queries.jsonl to evaluate with (a BEIR folder brings its own)")
     p.add_argument("--qrels", help="relevance TSV (query-id, corpus-id, score) to evaluate with")

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from leafkd.errors import LeafkdError
-from leafkd.student.choice import resolve_student
-from leafkd.student.layers import canonical_layers
+from leafkd.student.choice import resolve_student, split_student
 
 # The corpus-adapted recipe as TrainConfig options (examples/recipes/adapted-bank300.toml, without its data paths).
 RECIPE: dict[str, Any] = {
@@ -70,12 +69,16 @@ class DistillConfig:
                 setattr(self, name, str(value))
         if self.data is not None:
             self.data = [str(d) for d in self.data]
-        self.student, static = resolve_student(self.student, self.teacher)
+        layers = self.student_layers if self.student_layers is not None else self.train.get("student_layers")
+        spec = split_student(self.student, layers, self.train.get("static_dim"))
+        self.student, static = resolve_student(spec.base, self.teacher)
         if static:
             self.train.setdefault("student_kind", "static")
-        layers = canonical_layers(self.student_layers)
-        if layers is not None:
-            self.train.setdefault("student_layers", layers)
+        self.student_layers = spec.layers
+        if spec.layers is not None:
+            self.train.setdefault("student_layers", spec.layers)
+        if spec.static_dim is not None:
+            self.train["static_dim"] = spec.static_dim
 
     @property
     def store_path(self) -> Path:

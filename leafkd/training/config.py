@@ -11,8 +11,8 @@ from typing import Any
 
 from leafkd.choices import Choice
 from leafkd.errors import LeafkdError
-from leafkd.student.choice import resolve_student
-from leafkd.student.layers import SPEC_HELP, canonical_layers
+from leafkd.student.choice import resolve_student, split_student
+from leafkd.student.layers import SPEC_HELP
 
 
 class Projection(Choice):
@@ -80,7 +80,8 @@ class TrainConfig:
                                "missing)")
     teacher_vectors: str | None = _opt(None, "black-box teacher: .npy of vectors, row i for text i of --data")
     student: str = _opt("all-MiniLM-L6-v2", "student base encoder: model folder or installed name; 'teacher': the "
-                        "teacher's own layers (see --student-layers); 'static': a static student from the teacher")
+                        "teacher's own layers (see --student-layers); 'static': a static student from the teacher; "
+                        "NAME:LAYERS / static:DIM in one string, e.g. teacher:first:6, static:256")
     student_kind: StudentKind = _opt(StudentKind.TRANSFORMER, "transformer (the base's layers + mean pooling) or "
                                      "static (a token embedding table embedded by the base, model2vec-style, + mean "
                                      "pooling; padded batches)")
@@ -217,8 +218,10 @@ class TrainConfig:
                     flag = name.replace("_", "-")
                     raise LeafkdError(f"--deterministic runs eager kernels: it cannot go with --{flag} true")
                 setattr(self, name, TriState.FALSE)
-        self.student_layers = canonical_layers(self.student_layers)  # "6" and 6: one result key
-        self.student, static = resolve_student(self.student, self.teacher)  # 'teacher' / 'static': the teacher
+        # "teacher:first:6" and ("teacher", "first:6"), "6" and 6: one spelling, one result key
+        spec = split_student(self.student, self.student_layers, self.static_dim)
+        self.student_layers, self.static_dim = spec.layers, spec.static_dim
+        self.student, static = resolve_student(spec.base, self.teacher)  # 'teacher' / 'static': the teacher
         if static:
             self.student_kind = StudentKind.STATIC
 
