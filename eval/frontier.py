@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -77,12 +78,13 @@ def build_spec(spec: str, teacher: Path, teacher_dim: int, folder: Path) -> Path
     from leafkd.student import build_student, read_student_info, write_student_info
 
     head, _, layers = spec.partition(":")
+    out = folder / spec.replace(":", "_").replace(",", "-").replace("/", "_")
     if head not in ("teacher", "minilm", "static"):
         path = Path(spec)
         if not (path / "modules.json").is_file():
             raise SystemExit(f"error: {spec}: neither a student spec nor a model folder")
-        return path
-    out = folder / spec.replace(":", "_").replace(",", "-")
+        # A copy: the ONNX export below must not replace one in the user's folder.
+        return Path(shutil.copytree(path, out, ignore=shutil.ignore_patterns("leafkd-onnx")))
     if head == "teacher" and not layers:
         model = load_model(teacher, device="cpu")
     elif head == "static":

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +39,22 @@ def measure(args) -> dict[str, Any]:
     from leafkd.data.beir import read_beir
     from leafkd.evaluation.metrics import ndcg_at_k, recall_at_k
     from leafkd.retrieval.onnx_encoder import OnnxQueryEncoder
-    from leafkd.student.onnx import export_onnx
+    from leafkd.student.onnx import FOLDER, export_onnx
 
     torch.set_num_threads(args.threads)
     data = read_beir(args.corpus)
     qids = [q for q in data.queries if q in data.qrels]
     texts = [data.queries[q] for q in qids]
-    export = export_onnx(args.student, int8=True)  # fp32 and int8 graphs, each checked against torch
-    torch_ret = Retriever.load(args.index, student=args.student, device="cpu")
-    onnx_ret = Retriever.load(args.index, student=args.student, query_backend="onnx", onnx_threads=args.threads)
+    # The exports go into a copy of the student: the user's folder (and any export of theirs in it) is untouched.
+    work = Path(tempfile.mkdtemp(prefix="onnx-retrieval-"))
+    student = shutil.copytree(args.student, work / "student", ignore=shutil.ignore_patterns(FOLDER))
+    export = export_onnx(student, int8=True)  # fp32 and int8 graphs, each checked against torch
+    torch_ret = Retriever.load(args.index, student=student, device="cpu")
+    onnx_ret = Retriever.load(args.index, student=student, query_backend="onnx", onnx_threads=args.threads)
     vectors = {"torch": torch_ret.embed(texts),
-               "onnx fp32": OnnxQueryEncoder(args.student, int8=False, threads=args.threads)(texts),
+               "onnx fp32": OnnxQueryEncoder(student, int8=False, threads=args.threads)(texts),
                "onnx int8": onnx_ret.embed(texts)}
+    shutil.rmtree(work)
     top = 100
     runs = {name: [run_of(h) for h in torch_ret.search_vectors(v, top)] for name, v in vectors.items()}
     rows = []
@@ -83,7 +89,7 @@ def render(result: dict[str, Any]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--index", required=True, help="index folder or name (the teacher's document vectors)")
-    p.add_argument("--student", required=True, help="student folder (exported to ONNX in place: leafkd-onnx/)")
+    p.add_argument("--student", required=True, help="student folder (exported to ONNX in a temporary copy)")
     p.add_argument("--corpus", required=True, help="BEIR folder with the queries and relevance labels")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("eval/results/onnx_retrieval"))

@@ -9,13 +9,13 @@ The public API, importable from here (loaded on first use, so `import leafkd` st
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import leafkd.capture  # noqa: F401  (the stage subpackage, light; see `capture` below)
 from leafkd.errors import LeafkdError
+from leafkd.lazy import lazy_names
 
 # Never reach the Hugging Face hub: every model is a local folder (see leafkd.models).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,20 +60,15 @@ def capture(teacher: str | Path, corpus: Corpus, out: str | Path, **options: Any
 
     A function here rather than a lazy name: the subpackage `leafkd.capture` shares the name, and Python binds a
     subpackage to its parent's attribute when it is first imported. It is imported above, before this definition,
-    so `from leafkd import capture` is this function whatever was imported first.
+    so `from leafkd import capture` is this function whatever was imported first. The subpackage's own names are
+    reached with `from leafkd.capture import VectorStore` (``import leafkd.capture as m`` would give this function).
     """
     from leafkd.capture.teacher import capture as capture_corpus
 
     return capture_corpus(teacher, corpus, out, **options)
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name's module on first use (PEP 562)."""
-    if name in _PUBLIC:
-        value = getattr(importlib.import_module(_PUBLIC[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'leafkd' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, globals(), _PUBLIC)
 
 
 def __dir__() -> list[str]:

@@ -97,6 +97,7 @@ def test_public_api_is_exported():
                  "Retriever", "run_evaluation", "LeafkdError"):
         assert getattr(leafkd, name) is not None, name
         assert name in leafkd.__all__
+    assert not hasattr(leafkd, "no_such_name")  # the lazy names are the listed ones, nothing else
 
 
 def test_import_leafkd_stays_light():

@@ -6,8 +6,9 @@ first thing, which keeps `leafkd.capture` the public function (see there).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from leafkd.lazy import lazy_names
 
 _NAMES = {
     "VectorStore": "leafkd.capture.store",
@@ -21,12 +22,7 @@ if TYPE_CHECKING:
     from leafkd.capture.teacher import capture, capture_blackbox, check_store_for_teacher
 
 
-def __getattr__(name: str) -> Any:
-    if name in _NAMES:
-        value = getattr(importlib.import_module(_NAMES[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'leafkd.capture' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, globals(), _NAMES)
 
 
 __all__ = ["VectorStore", "capture", "capture_blackbox", "check_store_for_teacher"]

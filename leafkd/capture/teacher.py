@@ -39,10 +39,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Texts to capture from which compiling the teacher's forward pays for itself (on CUDA, auto). Measured on one H200
-# with all-mpnet-base-v2 (eval/BENCHMARKS.md, H200): a cold compile costs ~25 s, and it saves 5.9 us per short text
-# (46.8k -> 64.4k texts/s) and 17 us per passage (8.1k -> 9.5k/s): break-even at ~4.3M short texts or ~1.4M
-# passages. Below this, compiling made `leafkd capture` of the 379k-text generic mix slower, not faster.
+# Texts to capture from which compiling the teacher's forward pays for itself (on CUDA, auto). From one H200 run
+# with all-mpnet-base-v2 (eval/BENCHMARKS.md, H200): a cold compile costs ~25 s (by difference of two measured
+# command timings), and it saves 5.9 us per short text (46.8k -> 64.4k texts/s) and 17 us per passage (8.1k ->
+# 9.5k/s): break-even at ~4.3M short texts or ~1.4M passages.
 AUTO_COMPILE_TEXTS = 2_000_000
 PENDING = ".pending"  # per-shard completion records of a distributed capture, merged into the manifest at the end
 

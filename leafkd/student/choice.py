@@ -60,7 +60,8 @@ def split_student(student: str, layers: Any = None, static_dim: int | None = Non
             named = StudentSpec(head, canonical_layers(rest), static_dim)
         except LeafkdError:
             raise LeafkdError(f"student {text!r}: after NAME: comes {SPEC_HELP}") from None
-    for field, given in (("student_layers", spec.layers), ("static_dim", spec.static_dim)):
-        if given is not None and getattr(named, field.replace("student_", "")) != given:
-            raise LeafkdError(f"student {text!r} and {field} {given!r} disagree: give one of them")
+    for option, given, said in (("student_layers", spec.layers, named.layers),
+                                ("static_dim", spec.static_dim, named.static_dim)):
+        if given is not None and said != given:
+            raise LeafkdError(f"student {text!r} and {option} {given!r} disagree: give one of them")
     return named
