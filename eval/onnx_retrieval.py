@@ -94,7 +94,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("eval/results/onnx_retrieval"))
     args = p.parse_args()
-    result = measure(args)
+    from leafkd.errors import LeafkdError
+
+    if not (Path(args.student) / "modules.json").is_file():
+        raise SystemExit(f"error: --student {args.student}: not a sentence-transformers model folder")
+    try:
+        result = measure(args)
+    except LeafkdError as e:  # a bad index, corpus or export: one line, like the CLI
+        raise SystemExit(f"error: {e}") from None
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "onnx_retrieval.json").write_text(json.dumps(result, indent=2))
     text = render(result)
