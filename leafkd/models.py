@@ -56,6 +56,9 @@ KNOWN_MODELS: dict[str, PackagedModel] = {
 
 # Files that carry no model behaviour and so stay out of a fingerprint.
 _FINGERPRINT_SKIP = {"README.md", "desktop.ini", ".gitattributes", "leafkd.json"}  # leafkd.json: a student's record
+# File digests of this process by (path, size, mtime, inode): one run fingerprints the teacher several times
+# (capture, index build with its prompt variants, evaluation), and hashing its weights costs ~1 s each time.
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
 
 
 def _download(packages: list[str], dest: Path) -> list[Path]:
@@ -189,9 +192,18 @@ def fingerprint(path: str | Path, prompt: str | None = None, normalize: bool = F
         if rel.startswith(("checkpoints/", "onnx/", "openvino/", "leafkd-onnx/")):  # exports are not the model
             continue
         h.update(rel.encode())
-        h.update(sha256_file(f).encode())
+        h.update(_file_digest(f).encode())
     h.update(json.dumps({"prompt": prompt, "normalize": bool(normalize)}, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file, remembered while its size, mtime and inode stay the same."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(path)
+    return _DIGESTS[key]
 
 
 def blackbox_fingerprint(vectors_path: str | Path) -> str:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch loads in k-means only: the numpy helpers stay light for the CLI and the server's parser
+    import torch
 
 
 def normalize(x: np.ndarray, *, copy: bool = True) -> np.ndarray:
@@ -37,6 +41,8 @@ def ridge_fit(x: np.ndarray, y: np.ndarray, alpha: float = 1e-2) -> tuple[np.nda
 
 
 def _assign(x: torch.Tensor, centroids: torch.Tensor, spherical: bool, chunk: int = 16384) -> torch.Tensor:
+    import torch
+
     if spherical:
         return torch.cat([(x[i : i + chunk] @ centroids.T).argmax(1) for i in range(0, len(x), chunk)])
     return torch.cat([torch.cdist(x[i : i + chunk], centroids).argmin(1) for i in range(0, len(x), chunk)])
@@ -53,6 +59,8 @@ def kmeans(vectors: np.ndarray, k: int, *, spherical: bool = True, iters: int = 
     ``spherical``: on unit vectors by cosine (centroids renormalised); otherwise Euclidean on the raw vectors.
     Returns centroids [k, D] and the labels of every row [n]; k is clamped to the number of rows.
     """
+    import torch
+
     n = len(vectors)
     if n == 0:
         return np.zeros((0, np.shape(vectors)[1]), np.float32), np.zeros(0, np.int64)

@@ -108,6 +108,29 @@ def test_import_leafkd_stays_light():
     assert "build_index" in r.stdout  # the lazy names are listed too
 
 
+def test_cli_parser_and_usage_errors_stay_light():
+    """Building `leafkd`'s parser (every subcommand's options) loads no torch or sentence-transformers, so `--help`
+    and a usage error answer at once instead of after the ~10 s those imports take on a small machine."""
+    code = ("import sys, leafkd.cli as cli\n"
+            "cli.build_parser()\n"
+            "heavy = [m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "leafkd", "capture", "--bogus"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_lazy_subpackages_resolve_every_listed_name():
+    """The lazily importing subpackages list their names in __all__; each one resolves to its defining module's."""
+    import importlib
+
+    for package in ("leafkd.student", "leafkd.training", "leafkd.evaluation", "leafkd.capture"):
+        module = importlib.import_module(package)
+        for name in module.__all__:
+            assert getattr(module, name) is not None, f"{package}.{name}"
+
+
 def test_capture_is_the_function_whatever_was_imported_first():
     """The subpackage `leafkd.capture` shares its name with the public function: importing the subpackage's
     modules first (as the training code does) must not turn `from leafkd import capture` into the module."""

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,3 +118,20 @@ def test_cli_errors_are_one_line(tmp_path, minilm_path):
         assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
         assert "Traceback" not in r.stderr
     assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_fingerprint_hashes_each_file_once_until_it_changes(tmp_path, monkeypatch):
+    from leafkd import models
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"a": 1}')
+    (folder / "model.safetensors").write_bytes(b"\0" * 1024)
+    calls = []
+    real = models.sha256_file
+    monkeypatch.setattr(models, "sha256_file", lambda p: calls.append(Path(p).name) or real(p))
+    first = models.fingerprint(folder)
+    assert models.fingerprint(folder) == first and models.fingerprint(folder, prompt="q: ") != first
+    assert sorted(calls) == ["config.json", "model.safetensors"]  # three fingerprints, each file read once
+    (folder / "model.safetensors").write_bytes(b"\1" * 1025)
+    assert models.fingerprint(folder) != first and calls.count("model.safetensors") == 2

@@ -25,7 +25,6 @@ from leafkd.choices import Choice
 from leafkd.data.paths import data_dir as find_data_dir
 from leafkd.errors import LeafkdError
 from leafkd.student.info import read_student_info
-from leafkd.vectors import ridge_fit
 
 
 class Mode(Choice):
@@ -221,6 +220,8 @@ def fit_ridge_map(base_model, teacher, texts: Sequence[str], alpha: float = 1e-2
     precomputed teacher vectors, one row per text. `alpha` is relative, as in training's projection warm start:
     the penalty is alpha times the mean eigenvalue of the centred Gram matrix of the base vectors.
     """
+    from leafkd.vectors import ridge_fit  # here: importing this module (the CLI's parser does) loads no torch
+
     if len(texts) < 2:
         raise LeafkdError("the ridge map needs at least 2 training texts")
     X = _vectors_of(base_model, texts, batch_tokens, device).astype(np.float64)

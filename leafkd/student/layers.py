@@ -10,11 +10,12 @@ not depend on how the spec was spelled.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from leafkd.errors import LeafkdError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 EVERY_OTHER = "every-other"
 SPEC_HELP = "a count (first:6 or 6), every n-th layer (every:2) or layer indices (0,2,4)"
@@ -83,6 +84,8 @@ def layer_indices(spec: LayerSpec | None, available: int) -> list[int]:
 
 def encoder_blocks(auto: nn.Module) -> nn.ModuleList:
     """The encoder's list of layers of a Hugging Face model (BERT, MPNet, RoBERTa, ...)."""
+    from torch import nn  # here, not at the top: the CLI's parser reads this module's spec help without torch
+
     blocks = getattr(getattr(auto, "encoder", None), "layer", None)
     if not isinstance(blocks, nn.ModuleList):
         raise LeafkdError(f"cannot select layers of a {type(auto).__name__}: no encoder.layer list")
@@ -96,6 +99,8 @@ def keep_layers(auto: Any, spec: LayerSpec | None) -> list[int]:
     """
     blocks = encoder_blocks(auto)
     indices = layer_indices(spec, len(blocks))
+    from torch import nn
+
     auto.encoder.layer = nn.ModuleList([blocks[i] for i in indices])
     auto.config.num_hidden_layers = len(indices)
     return indices
