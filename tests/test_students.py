@@ -134,3 +134,23 @@ def test_each_student_kind_trains_saves_and_loads_as_plain_sentence_transformer(
     assert np.allclose(out, vecs, atol=1e-4)
     info = json.loads((model_dir / "leafkd.json").read_text())
     assert len(info["teacher_fingerprint"]) == 64
+
+
+def test_static_vocabulary_rows_are_one_token_between_the_special_tokens(minilm_path):
+    """all-MiniLM-L6-v2's tokenizer.json pads to 128: the table must still embed ``[CLS] token [SEP]`` (3 tokens),
+    not the token followed by 125 attended padding tokens (wrong vectors, and ~40x the compute)."""
+    import numpy as np
+    import torch
+
+    from leafkd.models import load_model
+    from leafkd.student.static import _template, vocabulary_table
+
+    base = load_model(minilm_path, device="cpu")
+    rust = base.tokenizer.backend_tokenizer
+    assert rust.padding is not None  # the case this guards: a padding tokenizer
+    assert _template(rust) == ([101], [102])
+    table = vocabulary_table(base, vocab=8, device="cpu")
+    ids = torch.tensor([[101, 5, 102]])
+    with torch.inference_mode():
+        row = base({"input_ids": ids, "attention_mask": torch.ones_like(ids)})["sentence_embedding"][0].numpy()
+    np.testing.assert_allclose(table[5], row, atol=1e-5)

@@ -143,8 +143,14 @@ def without_template(tokenizer: Tokenizer, max_length: int | None = None) -> Tok
 
 # -- the table --------------------------------------------------------------------------------------------------
 def _template(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
-    """The special tokens the base puts around a text (``[CLS]`` / ``[SEP]``, ``<s>`` / ``</s>``)."""
-    empty = tokenizer.encode("", add_special_tokens=True)
+    """The special tokens the base puts around a text (``[CLS]`` / ``[SEP]``, ``<s>`` / ``</s>``).
+
+    Read from a copy without padding: sentence-transformers' tokenizer.json files often pad to 128, and padding
+    tokens are special too, so the padded template would make every vocabulary row 128 tokens long, all attended.
+    """
+    plain = Tokenizer.from_str(tokenizer.to_str())
+    plain.no_padding()
+    empty = plain.encode("", add_special_tokens=True)
     ids, special = empty.ids, empty.special_tokens_mask
     if not ids or not all(special):
         return [], []
