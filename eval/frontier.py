@@ -437,6 +437,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.latency or not torch.cuda.is_available():
             raise SystemExit("error: --gpu measures --latency on a CUDA device; none here" if args.latency else
                              "error: --gpu goes with --latency")
+    if (args.quality or args.adapted) and not args.specs:  # nothing to measure: leave the recorded half alone
+        raise SystemExit(f"error: --{'quality' if args.quality else 'adapted'} needs NAME=PATH arguments")
     if not args.report:
         if args.latency:
             result, name = run_latency(args), "latency-gpu" if args.gpu else "latency"

@@ -42,3 +42,14 @@ def test_adapted_half_refuses_a_run_without_scores(tmp_path):
     assert done.returncode != 0
     message = f"error: {folder / 'summary.json'}: no evaluation scores (a run with --no-eval?)"
     assert done.stderr.strip().splitlines() == [message]
+
+
+def test_a_half_without_runs_is_an_error_and_keeps_the_recorded_file(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "frontier-adapted.json").write_text('{"rows": [{"name": "kept"}]}')
+    for half in ("--adapted", "--quality"):
+        done = subprocess.run([sys.executable, str(SCRIPT), half, "--out", str(out)], capture_output=True, text=True)
+        assert done.returncode != 0
+        assert done.stderr.strip().splitlines() == [f"error: {half} needs NAME=PATH arguments"]
+    assert (out / "frontier-adapted.json").read_text() == '{"rows": [{"name": "kept"}]}'
