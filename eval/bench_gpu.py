@@ -275,6 +275,9 @@ def bench_training(args, device: torch.device, peak: float, out: Path) -> list[d
                   device=str(device), resume=False)
     results: dict[str, tuple] = {}
     variants = [("leafkd train (packed; defaults: compiled, CUDA graphs)", "run", {"packed": "true"})]
+    if device.type == "cuda":  # texts packed into rows, row attention (opt-in: --packed-attention rows)
+        variants.append(("leafkd train (packed, compiled, CUDA graphs; row attention)", "run-rows",
+                         {"packed": "true", "packed_attention": "rows"}))
     if args.no_graphs_train:
         variants.append(("leafkd train (packed, compiled, no CUDA graphs)", "run-nographs",
                          {"packed": "true", "cuda_graphs": "false"}))

@@ -135,3 +135,26 @@ def test_fingerprint_hashes_each_file_once_until_it_changes(tmp_path, monkeypatc
     assert sorted(calls) == ["config.json", "model.safetensors"]  # three fingerprints, each file read once
     (folder / "model.safetensors").write_bytes(b"\1" * 1025)
     assert models.fingerprint(folder) != first and calls.count("model.safetensors") == 2
+
+
+def test_shard_texts_are_one_json_string_a_line():
+    from leafkd.capture.store import json_lines
+
+    texts = ["line\nbreak", 'a "quote"', "ünïcödé", "", "tab\there", "\u2028sep", "back\\slash", "[1, 2]"]
+    assert json_lines(texts) == "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts)
+    assert [json.loads(line) for line in json_lines(texts).split("\n")[:-1]] == texts
+    assert json_lines([]) == ""
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+def test_non_finite_float16_rows_are_refused(value):
+    from leafkd.capture.teacher import _check_finite
+
+    vecs = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float16)
+    _check_finite(vecs)  # finite (the largest float16, 65504, is finite too)
+    _check_finite(np.full((2, 8), 65504, dtype=np.float16))
+    vecs[17, 3] = value
+    with pytest.raises(LeafkdError, match="non-finite"):
+        _check_finite(vecs)
+    with pytest.raises(LeafkdError, match="non-finite"):
+        _check_finite(vecs.astype(np.float32))

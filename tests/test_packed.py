@@ -39,6 +39,34 @@ def test_pack_bucket_adds_a_filler_sequence():
         pack(tokens, np.array([0]), bucket=8)
 
 
+def test_pack_rows_places_whole_texts_and_fills_the_rows():
+    tokens = Tokenized(np.arange(10, dtype=np.int32), np.array([0, 3, 4, 10]))  # lengths 3, 1, 6
+    p = pack(tokens, np.array([0, 1, 2]), width=8, filler_id=99, rows=True)
+    # longest first: text 2 opens row 0; text 0 (3) does not fit the 2 left there and opens row 1; text 1 (1)
+    # goes to the row with the most room (row 1)
+    assert p.row_width == 8 and p.max_len == 8 and p.ids.shape[0] == 16
+    assert p.ids.tolist() == [4, 5, 6, 7, 8, 9, 99, 99, 0, 1, 2, 3, 99, 99, 99, 99]
+    assert p.seq_ids.tolist() == [2] * 6 + [3, 3] + [0, 0, 0, 1] + [3] * 4
+    assert p.positions.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 0, 4, 5, 6, 7]
+    assert p.pad_index.tolist() == [[8, 9, 10] + [16] * 5, [11] + [16] * 7, [0, 1, 2, 3, 4, 5, 16, 16]]
+    assert p.cu_seqlens.tolist() == [0, 8, 16] and p.lengths.tolist() == [3.0, 1.0, 6.0]
+    # a bucket of 32 tokens = 4 rows of 8: the row count is rounded up to a multiple of 4
+    assert pack(tokens, np.array([0, 1, 2]), bucket=32, width=8, rows=True).ids.shape[0] == 32
+
+
+def test_place_in_rows_never_splits_a_text():
+    from leafkd.runtime.packed import place_in_rows
+
+    lengths = np.random.default_rng(0).integers(1, 60, size=500)
+    starts, n_rows = place_in_rows(lengths, 64)
+    assert np.all(starts // 64 == (starts + lengths - 1) // 64)  # each text inside one row
+    used = np.zeros(n_rows * 64, dtype=int)
+    for s, n in zip(starts, lengths):
+        used[s : s + n] += 1
+    assert used.max() == 1 and used.sum() == lengths.sum()  # no overlap
+    assert n_rows <= int(np.ceil(lengths.sum() / 64 * 1.05))  # nearly full rows
+
+
 def test_minilm_packed_equals_sentence_transformers(minilm):
     ref = minilm.encode(TEXTS, convert_to_numpy=True, batch_size=4)
     assert use_packed(minilm, None)
@@ -75,6 +103,10 @@ def test_mpnet_packed_equals_padded(tiny_mpnet):
     ref = tiny_mpnet.encode(texts, convert_to_numpy=True, batch_size=3)
     ours = encode(tiny_mpnet, texts, device="cpu")
     np.testing.assert_allclose(ours, ref, atol=2e-5)
+    tokens, _ = tokenize(tiny_mpnet, texts)
+    with torch.inference_mode():  # packed into rows: relative position bias per row, same vectors
+        rows = PackedForward(tiny_mpnet)(pack(tokens, np.arange(len(texts)), width=200, rows=True))
+    np.testing.assert_allclose(rows.numpy(), ref, atol=2e-5)
 
 
 def _grads(model, texts, packed: bool, **shapes) -> dict[str, torch.Tensor]:
@@ -107,6 +139,11 @@ def test_packed_gradients_equal_padded(minilm_path):
     c = _grads(student, TEXTS, True, bucket=16, width=40, filler_id=101)
     for name in a:
         torch.testing.assert_close(c[name], a[name], atol=1e-5, rtol=1e-4, msg=name)
+    # Packed into rows (row attention under a same-text mask): the same gradients.
+    r = _grads(student, TEXTS * 3, True, bucket=80, width=40, filler_id=101, rows=True)
+    ref = _grads(student, TEXTS * 3, False)
+    for name in ref:
+        torch.testing.assert_close(r[name], ref[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_unsupported_models_fall_back(minilm_path):
@@ -143,19 +180,21 @@ def test_varlen_flash_attention_equals_padded_on_cuda():
     model = load_model(_cuda_minilm_path(), device="cuda")
     forward = PackedForward(model)
     tokens, _ = tokenize(model, TEXTS * 50)
-    for shapes in ({}, {"bucket": 64, "width": 128}):
-        p = pack(tokens, np.arange(len(tokens)), **shapes).to(torch.device("cuda"))
-        forward.attention = None
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-            fast = forward(p).float()
-            forward.attention = "padded"
-            slow = forward(p).float()
-        assert torch.nn.functional.cosine_similarity(fast, slow).min() > 0.999, shapes
+    every = np.arange(len(tokens))
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        forward.attention = "padded"
+        slow = forward(pack(tokens, every).to(torch.device("cuda"))).float()
+        forward.attention = None  # flash over variable-length texts; rows: row attention (cuDNN)
+        for shapes in ({}, {"bucket": 64, "width": 128}, {"bucket": 256, "width": 128, "rows": True}):
+            fast = forward(pack(tokens, every, **shapes).to(torch.device("cuda"))).float()
+            assert torch.nn.functional.cosine_similarity(fast, slow).min() > 0.999, shapes
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
-def test_graphed_training_step_equals_eager_on_cuda():
-    """Replayed graphs (second sight of a shape on) give the eager step's loss and gradients, batch after batch."""
+@pytest.mark.parametrize("rows", [False, True])
+def test_graphed_training_step_equals_eager_on_cuda(rows):
+    """Replayed graphs (second sight of a shape on) give the eager step's loss and gradients, batch after batch
+    (texts one after another, and packed into rows)."""
     from leafkd.losses.combined import CombinedLoss
     from leafkd.losses.distance import LeafL2Loss
     from leafkd.runtime.graphs import GraphedTrainStep
@@ -177,7 +216,7 @@ def test_graphed_training_step_equals_eager_on_cuda():
     width = int(tokens.lengths.max())
     for k in range(6):
         idx = rng.permutation(len(texts))[:32] if k % 2 else np.arange(32)  # shapes repeat: captures and replays
-        p = pack(tokens, idx, bucket=16, width=width)
+        p = pack(tokens, idx, bucket=16, width=width, rows=rows)
         loss, _ = step(p.pin_memory(), torch.from_numpy(idx))
         got_loss, got = float(loss), [q.grad.clone() for q in params]
         student.zero_grad(set_to_none=False)
@@ -210,3 +249,49 @@ def test_tokenizer_processes_match_in_process(minilm):
     some = texts[: POOL_TASK_TEXTS + 5]
     np.testing.assert_allclose(encode(minilm, some, device="cpu", workers=2, chunk_texts=1000),
                                encode(minilm, some, device="cpu", workers=0), atol=1e-6)
+
+
+def test_row_counts_are_bucketed_to_few_shapes():
+    from leafkd.runtime.graphs import bucket_rows
+
+    assert bucket_rows(26.3 * 1024, 256) == 8  # ~105 rows a batch: multiples of 8
+    assert bucket_rows(26.3 * 64, 256) == 1 and bucket_rows(0.0, 256) == 1
+    lengths = np.random.default_rng(1).integers(5, 60, size=(40, 1024))
+    width, step = 64, bucket_rows(float(lengths.mean()) * 1024, 64)
+    shapes = {pack(Tokenized(np.zeros(int(ls.sum()), dtype=np.int32), np.r_[0, np.cumsum(ls)]), np.arange(1024),
+                   bucket=step * width, width=width, rows=True).ids.shape[0] for ls in lengths}
+    assert all(n % (step * width) == 0 for n in shapes) and len(shapes) <= 3, (step, shapes)
+
+
+def test_fused_query_path_builds_mpnet_position_bias_on_the_device(tiny_mpnet):
+    """The fused query forward's MPNet position bias: the model's own values, and no tensor on another device (a
+    CPU tensor copied to the GPU cannot be captured in a CUDA graph; checked here with the encoder on `meta`)."""
+    import copy
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from leafkd.retrieval.fused import fused_forward
+
+    model = copy.deepcopy(tiny_mpnet)
+    encoder = model[0].auto_model.encoder
+    x = torch.randn(3, 11, 32)
+    ref = type(encoder).compute_position_bias(encoder, x)
+    assert fused_forward(model) is not None
+    assert "compute_position_bias" in vars(encoder)  # set on this instance
+    torch.testing.assert_close(encoder.compute_position_bias(x), ref)
+
+    class Devices(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.seen |= {t.device.type for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)}
+            return out
+
+    encoder.to("meta")
+    with Devices() as mode:
+        encoder.compute_position_bias(torch.empty(2, 9, 32, device="meta"))
+    assert mode.seen == {"meta"}, mode.seen

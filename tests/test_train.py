@@ -240,3 +240,17 @@ def test_fixed_choice_options_parse_from_toml_and_flags(tmp_path):
     assert json.dumps([cfg.projection, cfg.normalize]) == '["always", "true"]' and f"{cfg.packed}" == "false"
     with pytest.raises(LeafkdError, match="^precision must be auto, bf16 or fp32, not 'fp16'$"):
         load_config(None, teacher="t", data=["d"], precision="fp16")
+
+
+def test_rows_layout_trains_like_texts_one_after_another(tmp_path, texts_file, minilm_path):
+    """--packed-attention rows (texts bin-packed into rows, attention per row under a same-text mask) is a layout,
+    not a different model: the same steps from the same start reach the same held-out cosine."""
+    base = _args(texts_file, minilm_path, tmp_path / "varlen", max_steps=6, checkpoint_every=0,
+                 packed_attention="varlen")
+    a = train(load_config(None, **base))
+    rows = {**base, "output": str(tmp_path / "rows"), "packed_attention": "rows",
+            "vectors": str(tmp_path / "varlen" / "teacher-vectors")}
+    b = train(load_config(None, **rows))
+    assert a["steps"] == b["steps"] == 6
+    assert b["final"]["heldout_cos_mean"] == pytest.approx(a["final"]["heldout_cos_mean"], abs=1e-4)
+    assert b["final"]["heldout_cos_mean"] != pytest.approx(a["ridge_baseline"]["heldout_cos_mean"], abs=1e-3)

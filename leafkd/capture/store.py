@@ -26,6 +26,18 @@ from leafkd.errors import LeafkdError
 FORMAT = "leafkd-vectors/1"
 
 
+def json_lines(texts: list[str]) -> str:
+    """One JSON string a line, as ``json.dumps(t, ensure_ascii=False)`` writes each text.
+
+    One encoder call for the whole list (a JSON string never holds a raw newline, so the separator splits it
+    exactly): ~6x faster than a call per text, and it holds the GIL that long while the capture's main thread
+    waits to launch the next batch.
+    """
+    if not texts:
+        return ""
+    return json.dumps(texts, ensure_ascii=False, separators=("\n", ":"))[1:-1] + "\n"
+
+
 class VectorStore:
     """A folder of captured teacher vectors (see module docstring)."""
 
@@ -133,7 +145,7 @@ class VectorStore:
             raise ValueError("vectors, texts and hashes must have the same length")
         names = {"vectors": f"vectors-{k:05d}.npy", "texts": f"texts-{k:05d}.jsonl", "hashes": f"hashes-{k:05d}.npy"}
         atomic.write_npy(self.path / names["vectors"], np.ascontiguousarray(vectors, dtype=np.float16))
-        atomic.write_text(self.path / names["texts"], "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts))
+        atomic.write_text(self.path / names["texts"], json_lines(texts))
         atomic.write_npy(self.path / names["hashes"], np.ascontiguousarray(hashes, dtype=np.uint8))
         checksums = {key: atomic.sha256_file(self.path / name) for key, name in names.items()}
         return {**names, "sha256": checksums, "count": len(texts)}

@@ -73,7 +73,13 @@ class _ShardEncoder:
 
 
 def _check_finite(vecs: np.ndarray) -> None:
-    if not np.isfinite(vecs).all():
+    # float16 rows (every shard): a value is inf or NaN exactly when its five exponent bits are all set; the bit
+    # test is ~10x faster than np.isfinite, which widens each float16 in software.
+    if vecs.dtype == np.float16:
+        bad = bool(((np.ascontiguousarray(vecs).view(np.uint16) & 0x7C00) == 0x7C00).any())
+    else:
+        bad = not np.isfinite(vecs).all()
+    if bad:
         raise LeafkdError("the teacher produced non-finite vectors (or values beyond float16); check the model "
                           "and precision")
 

@@ -74,4 +74,35 @@ def fused_forward(model, prompt: str | None = None) -> FusedForward | None:
             normalized = True
         else:
             return None
+    _position_bias_on_device(auto)
     return FusedForward(auto, dense, bool(getattr(modules[0], "do_lower_case", False)))
+
+
+def _position_bias_on_device(auto: torch.nn.Module) -> None:
+    """Make an MPNet encoder build its relative position bias on the hidden states' device.
+
+    transformers before ~5.20 builds the relative positions with `torch.arange` on the CPU and copies them to the
+    GPU on every forward: a CUDA graph cannot capture that copy, so MPNet models (all-mpnet-base-v2, the teacher's
+    layer cuts) ran their queries eagerly (an H200 run: "Cannot copy between CPU and CUDA tensors during CUDA
+    graph capture"). The replacement computes the same values, as newer transformers does; it is set on this
+    encoder instance only.
+    """
+    encoder = getattr(auto, "encoder", None)
+    if getattr(getattr(auto, "config", None), "model_type", None) != "mpnet" or encoder is None:
+        return
+    if not hasattr(encoder, "relative_position_bucket") or not hasattr(encoder, "relative_attention_bias"):
+        return
+
+    def compute_position_bias(x: torch.Tensor, position_ids: torch.Tensor | None = None,
+                              num_buckets: int = 32) -> torch.Tensor:
+        bsz, qlen = x.size(0), x.size(1)
+        if position_ids is not None:
+            context, memory = position_ids[:, :, None], position_ids[:, None, :]
+        else:
+            positions = torch.arange(qlen, dtype=torch.long, device=x.device)
+            context, memory = positions[:, None], positions[None, :]
+        bucket = encoder.relative_position_bucket(memory - context, num_buckets=num_buckets)
+        values = encoder.relative_attention_bias(bucket).permute([2, 0, 1]).unsqueeze(0)
+        return values.expand((bsz, -1, qlen, qlen)).contiguous()
+
+    encoder.compute_position_bias = compute_position_bias

@@ -10,6 +10,13 @@ the queries, keys and values are scattered into a padded [texts, heads, longest,
 only attention sees padding. (Flex attention over the packed row with a document block mask and the bias as a
 score modification was tried for MPNet and measured slower on an H100: see eval/BENCHMARKS.md.)
 
+Training can pack texts into rows instead (`pack(rows=True)`, `--packed-attention rows`): texts bin-packed, none
+split, into rows as wide as the longest text, the rows' ends filled; attention then runs per row under a same-text
+mask, one `scaled_dot_product_attention` call over [rows, heads, width, dim] (cuDNN on CUDA). For the short texts
+of distillation (26 tokens on average for MiniLM's tokenizer) flash attention over variable-length sequences
+spends most of each 128-token tile on nothing; the row layout fills its tiles (on an H200, MiniLM's attention,
+forward and backward: ~1.08 ms a layer varlen in the training step's profile, 0.62 ms in rows; eval/BENCHMARKS.md).
+
 The weights are the model's own modules' (nothing is copied), so training through this path updates the
 SentenceTransformer in place and the saved model is an ordinary one. The modules after Pooling (Dense,
 Normalize) run as they are. `supported(model)` says whether a model can take this path; callers fall back to
@@ -40,6 +47,9 @@ _ARCHS = ("bert", "mpnet")
 # SDPA backends for the padded view: not cuDNN, which plans each new (texts, length) shape anew (hundreds of
 # milliseconds per shape, and every packed batch has a new shape) and wastes most of its tiles on short texts.
 _PADDED_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+# Row attention, in this order: its shapes are fixed per row count, so cuDNN plans each once (MiniLM rows on an
+# H200: cuDNN 0.62 ms forward and backward a layer, the memory-efficient kernel 0.98).
+_ROW_SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class Attention(StrEnum):
@@ -47,6 +57,7 @@ class Attention(StrEnum):
 
     VARLEN = "varlen"  # flash attention over the packed row (CUDA, half precision, no position bias)
     PADDED = "padded"  # one SDPA call over a padded [texts, heads, longest, dim] view
+    ROWS = "rows"  # texts packed into rows (`pack(rows=True)`): one SDPA call over the rows, same-text mask
 
 
 def varlen_attention() -> Callable[..., Any] | None:
@@ -65,6 +76,9 @@ class Packed:
     A batch packed with a token bucket ends with filler tokens (ids of the pad token) that make T a multiple of
     the bucket: they form one extra sequence in `cu_seqlens`, belong to no text (`seq_ids` N) and are never
     pooled, so fixed shapes (one CUDA graph per bucket) cost no correctness.
+
+    Packed into rows (`row_width` > 0): T = rows x row_width, each text inside one row, filler (text N) at the
+    rows' ends; `cu_seqlens` then holds the row boundaries.
     """
 
     ids: torch.Tensor  # int64 [T]
@@ -74,13 +88,14 @@ class Packed:
     lengths: torch.Tensor  # float32 [N]
     seq_ids: torch.Tensor  # int64 [T]: the text each token belongs to (N for filler)
     max_len: int
+    row_width: int = 0  # > 0: packed into rows of this many tokens (see above)
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return self.ids, self.positions, self.cu_seqlens, self.pad_index, self.lengths, self.seq_ids
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Packed:
         return Packed(fn(self.ids), fn(self.positions), fn(self.cu_seqlens), fn(self.pad_index), fn(self.lengths),
-                      fn(self.seq_ids), self.max_len)
+                      fn(self.seq_ids), self.max_len, self.row_width)
 
     def to(self, device: torch.device, non_blocking: bool = True) -> Packed:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -96,20 +111,51 @@ class Packed:
 
     @property
     def shape_key(self) -> tuple[int, ...]:
-        return (int(self.ids.shape[0]), int(self.cu_seqlens.shape[0]), *self.pad_index.shape, self.max_len)
+        return (int(self.ids.shape[0]), int(self.cu_seqlens.shape[0]), *self.pad_index.shape, self.max_len,
+                self.row_width)
 
     @property
     def num_texts(self) -> int:
         return int(self.lengths.shape[0])
 
 
-def pack(tokens: Tokenized, index: np.ndarray, bucket: int = 0, width: int = 0, filler_id: int = 0) -> Packed:
+def place_in_rows(lengths: np.ndarray, width: int) -> tuple[np.ndarray, int]:
+    """Where each text starts when texts are bin-packed into rows of `width` tokens, and how many rows.
+
+    Worst fit decreasing: longest text first, each into the row with the most room left (a new row when none has
+    enough); no text is split. For many short texts the rows end up nearly full (about 1% filler at MiniLM's
+    lengths and batch 1024).
+    """
+    import heapq
+
+    starts = np.empty(len(lengths), dtype=np.int64)
+    rooms: list[tuple[int, int]] = []  # (-room left, row): a max-heap on the room
+    n_rows = 0
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        n = int(lengths[i])
+        if rooms and -rooms[0][0] >= n:
+            neg_room, row = heapq.heappop(rooms)
+            room = -neg_room
+        else:
+            row, room, n_rows = n_rows, width, n_rows + 1
+        starts[i] = row * width + width - room
+        heapq.heappush(rooms, (n - room, row))
+    return starts, n_rows
+
+
+def pack(tokens: Tokenized, index: np.ndarray, bucket: int = 0, width: int = 0, filler_id: int = 0,
+         rows: bool = False) -> Packed:
     """The texts `index` of `tokens`, concatenated in that order (vectorised; no per-text Python loop).
 
     bucket > 0 pads the row with filler tokens to a multiple of `bucket` tokens; width > 0 fixes the padded
     view's width (and max_len) at max(width, longest text). Both only fix shapes; the real tokens' results are
     unchanged. The filler must fit one sequence of at most max_len tokens, so bucket <= width.
+
+    rows: pack the texts into rows of max_len tokens instead (`place_in_rows`; the number of rows rounded up to
+    a multiple of bucket // max_len), for row attention (`Attention.ROWS`).
     """
+    if rows:
+        return _pack_rows(tokens, index, bucket, width, filler_id)
     lengths = tokens.lengths[index].astype(np.int64)
     n = len(index)
     cu = np.zeros(n + 1, dtype=np.int64)
@@ -136,6 +182,32 @@ def pack(tokens: Tokenized, index: np.ndarray, bucket: int = 0, width: int = 0, 
     return Packed(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(cu.astype(np.int32)),
                   torch.from_numpy(pad_index), torch.from_numpy(lengths.astype(np.float32)),
                   torch.from_numpy(seq_ids), max_len)
+
+
+def _pack_rows(tokens: Tokenized, index: np.ndarray, bucket: int, width: int, filler_id: int) -> Packed:
+    lengths = tokens.lengths[index].astype(np.int64)
+    n = len(index)
+    max_len = max(int(lengths.max()) if n else 0, width, 1)
+    starts, n_rows = place_in_rows(lengths, max_len)
+    step = max(1, bucket // max_len)
+    total = max(-(-n_rows // step) * step, 1) * max_len
+    cu = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=cu[1:])
+    real = int(cu[-1])
+    in_text = np.arange(real, dtype=np.int64) - np.repeat(cu[:-1], lengths)  # each real token's position
+    where = np.repeat(starts, lengths) + in_text  # ... and its place in the rows
+    ids = np.full(total, filler_id, dtype=np.int64)
+    ids[where] = tokens.ids[np.repeat(tokens.offsets[index], lengths) + in_text]
+    positions = np.arange(total, dtype=np.int64) % max_len  # filler: its column (any position < max_len works)
+    positions[where] = in_text
+    seq_ids = np.full(total, n, dtype=np.int64)
+    seq_ids[where] = np.repeat(np.arange(n, dtype=np.int64), lengths)
+    cols = np.arange(max_len, dtype=np.int64)
+    pad_index = np.where(cols[None, :] < lengths[:, None], starts[:, None] + cols[None, :], total)
+    bounds = np.arange(0, total + 1, max_len, dtype=np.int32)
+    return Packed(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(bounds),
+                  torch.from_numpy(pad_index), torch.from_numpy(lengths.astype(np.float32)),
+                  torch.from_numpy(seq_ids), max_len, max_len)
 
 
 def unsupported_reason(model: SentenceTransformer) -> str | None:
@@ -241,7 +313,9 @@ class PackedForward(nn.Module):
                                               num_buckets=enc.relative_attention_bias.num_embeddings)
         return enc.relative_attention_bias(bucket).permute(2, 0, 1).unsqueeze(0).to(dtype)  # [1, H, L, L]
 
-    def _attention_kind(self, x: torch.Tensor) -> Attention:
+    def _attention_kind(self, x: torch.Tensor, p: Packed | None = None) -> Attention:
+        if p is not None and p.row_width:
+            return Attention.ROWS  # the layout decides: rows hold several texts
         if self.attention is not None:
             return Attention(self.attention)
         half = x.dtype != torch.float32 or torch.is_autocast_enabled("cuda")
@@ -256,9 +330,41 @@ class PackedForward(nn.Module):
             return valid
         return bias.to(dtype).masked_fill(~valid, float("-inf"))  # [N, H, L, L]
 
+    def _row_mask(self, p: Packed, dtype: torch.dtype) -> torch.Tensor:
+        """Row attention's mask, built once per forward: [R, 1, W, W] same text (MPNet: [R, H, W, W] bias, -inf
+        across texts)."""
+        text = p.seq_ids.view(-1, p.row_width)
+        same = (text[:, :, None] == text[:, None, :])[:, None]
+        if self.arch != "mpnet":
+            return same
+        enc = self.auto.encoder
+        pos = p.positions.view(-1, p.row_width)
+        bucket = enc.relative_position_bucket(pos[:, None, :] - pos[:, :, None],
+                                              num_buckets=enc.relative_attention_bias.num_embeddings)
+        bias = enc.relative_attention_bias(bucket).permute(0, 3, 1, 2).to(dtype)  # [R, H, W, W]
+        return bias.masked_fill(~same, float("-inf"))
+
+    def _row_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Packed, mask: torch.Tensor,
+                       dropout: float) -> torch.Tensor:
+        t, h, d = q.shape
+
+        def rows(x: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [R, H, W, D]: a view, no copy of the tokens
+            return x.view(-1, p.row_width, h, d).transpose(1, 2)
+
+        if mask.dtype != torch.bool and mask.dtype != q.dtype:  # e.g. CPU autocast
+            mask = mask.to(q.dtype)
+        backends: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if q.is_cuda:
+            backends = sdpa_kernel(_ROW_SDPA_BACKENDS, set_priority=True)
+        with backends:
+            out = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=mask, dropout_p=dropout)
+        return out.transpose(1, 2).reshape(t, h, d)
+
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Packed, kind: Attention,
                    mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
         """q, k, v: [T, H, D] -> [T, H, D], each text attending only to itself."""
+        if kind is Attention.ROWS:
+            return self._row_attention(q, k, v, p, mask if mask is not None else self._row_mask(p, q.dtype), dropout)
         half = q.dtype in (torch.float16, torch.bfloat16)
         if kind is Attention.VARLEN and self.varlen is not None and dropout == 0.0 and half:
             return self.varlen(q, k, v, p.cu_seqlens, p.cu_seqlens, p.max_len, p.max_len)
@@ -307,11 +413,13 @@ class PackedForward(nn.Module):
     def token_embeddings(self, p: Packed) -> torch.Tensor:
         """Last hidden states of the real tokens, [T, hidden]."""
         x = self._embed(p)
-        kind = self._attention_kind(x)
-        mask = None  # the padded view's mask, built once per forward and shared by the layers
+        kind = self._attention_kind(x, p)
+        mask = None  # the padded view's or the rows' mask, built once per forward and shared by the layers
+        dtype = (torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype)
         if kind is Attention.PADDED:
-            dtype = (torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype)
             mask = self._attention_mask(p, self._position_bias(p, dtype), dtype)
+        elif kind is Attention.ROWS:
+            mask = self._row_mask(p, dtype)
         for layer in self.auto.encoder.layer:
             x = self._layer(layer, x, p, kind, mask)
         return x

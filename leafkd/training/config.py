@@ -45,6 +45,14 @@ class TriState(Choice):
     FALSE = "false"
 
 
+class PackedAttention(Choice):
+    """How packed training lays out a batch's texts for attention (leafkd.runtime.packed)."""
+
+    AUTO = "auto"  # varlen: rows are opt-in until a whole H200 run with bucketed row counts has been measured
+    VARLEN = "varlen"  # texts one after another, flash attention over variable-length sequences
+    ROWS = "rows"  # texts bin-packed into rows, one attention call over the rows under a same-text mask
+
+
 class Precision(Choice):
     """Training's autocast: bf16 on CUDA, fp32 on CPU (auto), or forced."""
 
@@ -173,6 +181,10 @@ class TrainConfig:
     cuda_graphs: TriState = _opt(TriState.AUTO, "replay each packed training step as a CUDA graph (one per token "
                                  "bucket): auto (packed training with flash attention on one CUDA device, "
                                  "grad_accum 1), true, false")
+    packed_attention: PackedAttention = _opt(PackedAttention.AUTO, "packed batches' attention: varlen (flash "
+                                             "attention per text; auto) or rows (texts bin-packed into rows, cuDNN "
+                                             "attention per row: ~1.3x the steady-state step rate on an H200, "
+                                             "experimental, see eval/BENCHMARKS.md)")
     deterministic: bool = _opt(False, "the same weights on every run: eager kernels (no compile, no CUDA graphs) "
                                "and torch's deterministic algorithms; slower on CUDA (eval/RESULTS.md)")
     capture_batch_tokens: int | None = _opt(None, "token budget per teacher batch when capturing", min=1)
@@ -181,7 +193,7 @@ class TrainConfig:
 
     # Options that do not change the result: a resumed run may change them.
     RESUME_FREE = ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "resume", "plot", "progress",
-                   "device", "max_steps", "epochs", "compile", "cuda_graphs", "deterministic")
+                   "device", "max_steps", "epochs", "compile", "cuda_graphs", "deterministic", "packed_attention")
 
     # Selection options (issue 8) enter the key only where they change the run: off their defaults, and the
     # select_* ones only when selection is on (so keys of runs from before selection existed are unchanged).

@@ -17,7 +17,7 @@ from leafkd.runtime.devices import pick_device
 from leafkd.runtime.packed import PackedForward, unsupported_reason
 from leafkd.runtime.packed import supported as packed_supported
 from leafkd.student.build import build_student
-from leafkd.training.config import StudentKind, TrainConfig, TriState
+from leafkd.training.config import PackedAttention, StudentKind, TrainConfig, TriState
 from leafkd.training.optim import set_dropout
 
 
@@ -70,6 +70,13 @@ def use_packed(cfg: TrainConfig, student) -> bool:
     if cfg.packed == TriState.TRUE and not packed_supported(student):
         raise LeafkdError(f"--packed true: {unsupported_reason(student)}")
     return cfg.packed == TriState.TRUE or (cfg.packed == TriState.AUTO and packed_supported(student))
+
+
+def use_rows(cfg: TrainConfig, packed: bool) -> bool:
+    """Whether packed batches go into rows (`pack(rows=True)`, row attention): only when asked for. On an H200 the
+    graphed rows step ran ~1.3x the varlen step's rate at steady state, but a run whose row counts were not yet
+    bucketed stalled for minutes on new shapes (eval/BENCHMARKS.md, H200 run 3), so auto stays varlen."""
+    return packed and cfg.packed_attention == PackedAttention.ROWS
 
 
 def training_forward(cfg: TrainConfig, student, packed: bool, device: torch.device) -> tuple[Any, Any]:

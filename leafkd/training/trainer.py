@@ -32,7 +32,7 @@ from leafkd.models import resolve_model
 from leafkd.runtime import distributed as dist_
 from leafkd.runtime.devices import autocast_dtype, pick_device, use_deterministic_kernels
 from leafkd.runtime.encode import encode_tokens
-from leafkd.runtime.graphs import GraphedTrainStep, bucket_tokens, fixed_width
+from leafkd.runtime.graphs import GraphedTrainStep, bucket_rows, bucket_tokens, fixed_width
 from leafkd.runtime.tokens import Tokenized, tokenize
 from leafkd.student.info import write_student_info
 from leafkd.student.warm_start import warm_start
@@ -43,7 +43,7 @@ from leafkd.training.config import SelectMode, TrainConfig, TriState, validate
 from leafkd.training.data import bank_rows, prepare_data
 from leafkd.training.loader import BatchLoader
 from leafkd.training.metrics_log import MetricsLog, plot_curves
-from leafkd.training.model_setup import make_student, teacher_settings, training_forward, use_packed
+from leafkd.training.model_setup import make_student, teacher_settings, training_forward, use_packed, use_rows
 from leafkd.training.optim import lr_factor, make_loss, param_groups, set_dropout
 from leafkd.training.selection import Selector
 from leafkd.training.steps import StepStats, TrainStep, graphs_unsupported
@@ -201,12 +201,12 @@ class Trainer:
         forward, ddp = training_forward(cfg, self.student, self.packed, device)
         pad_id = self.student.tokenizer.pad_token_id or 0
         self.graphed: GraphedTrainStep | None = None
-        graph_shapes: dict[str, int] = {}
+        graph_shapes: dict[str, Any] = {}
+        train_lengths = lengths[self.data.train_idx]
         if cfg.cuda_graphs != TriState.FALSE:
             why_not = graphs_unsupported(cfg, device, self.world, self.packed, forward if self.packed else None,
                                          autocast)
             if why_not is None:
-                train_lengths = lengths[self.data.train_idx]
                 width = fixed_width(train_lengths)
                 graph_shapes = {"bucket": bucket_tokens(float(train_lengths.mean()) * cfg.batch_size, width),
                                 "width": width, "filler_id": pad_id}
@@ -214,6 +214,11 @@ class Trainer:
                                                 autocast)
             elif cfg.cuda_graphs == TriState.TRUE:
                 raise LeafkdError(f"--cuda-graphs true: {why_not}")
+        if use_rows(cfg, self.packed):
+            # Rows as wide as the longest training text (no text is ever split), their count bucketed: few shapes.
+            width = fixed_width(train_lengths)
+            rows = bucket_rows(float(train_lengths.mean()) * cfg.batch_size, width)
+            graph_shapes = {"filler_id": pad_id, **graph_shapes, "width": width, "bucket": rows * width, "rows": True}
         self.train_step = TrainStep(cfg, self.student, forward, self.loss_fn, self.optimizer, teacher_dev, device,
                                     autocast=autocast, packed=self.packed, graphed=self.graphed, ddp=ddp)
         selector = self.selector
