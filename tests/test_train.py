@@ -254,3 +254,5 @@ def test_rows_layout_trains_like_texts_one_after_another(tmp_path, texts_file, m
     assert a["steps"] == b["steps"] == 6
     assert b["final"]["heldout_cos_mean"] == pytest.approx(a["final"]["heldout_cos_mean"], abs=1e-4)
     assert b["final"]["heldout_cos_mean"] != pytest.approx(a["ridge_baseline"]["heldout_cos_mean"], abs=1e-3)
+    with pytest.raises(LeafkdError, match="packed-attention rows: needs packed batches"):
+        train(load_config(None, **{**rows, "output": str(tmp_path / "padded"), "packed": "false"}))

@@ -327,6 +327,10 @@ def _validate_bank_and_adaptation(cfg: TrainConfig) -> None:
         raise LeafkdError("adapt_weight and adapt_spans must be >= 0")
     if cfg.adapt and cfg.teacher_vectors:
         raise LeafkdError("--adapt cannot be combined with --teacher-vectors (rows must match the texts of --data)")
+    if cfg.packed_attention == PackedAttention.ROWS and (cfg.packed == TriState.FALSE
+                                                         or cfg.student_kind == StudentKind.STATIC):
+        raise LeafkdError("--packed-attention rows: needs packed batches (--packed auto or true, a BERT or MPNet "
+                          "student with mean pooling)")
 
 
 def _validate_student(cfg: TrainConfig) -> None:

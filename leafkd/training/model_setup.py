@@ -76,7 +76,12 @@ def use_rows(cfg: TrainConfig, packed: bool) -> bool:
     """Whether packed batches go into rows (`pack(rows=True)`, row attention): only when asked for. On an H200 the
     graphed rows step ran ~1.3x the varlen step's rate at steady state, but a run whose row counts were not yet
     bucketed stalled for minutes on new shapes (eval/BENCHMARKS.md, H200 run 3), so auto stays varlen."""
-    return packed and cfg.packed_attention == PackedAttention.ROWS
+    if cfg.packed_attention != PackedAttention.ROWS:
+        return False
+    if not packed:
+        raise LeafkdError("--packed-attention rows: needs packed batches (--packed auto or true, a BERT or MPNet "
+                          "student with mean pooling)")
+    return True
 
 
 def training_forward(cfg: TrainConfig, student, packed: bool, device: torch.device) -> tuple[Any, Any]:
