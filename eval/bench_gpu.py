@@ -98,11 +98,16 @@ def bench_capture(model_path: str, texts: list[str], device: torch.device, label
     if device.type == "cuda":
         st.half()
     st.encode(texts[:512], batch_size=256)  # warm-up
-    sync()
-    t = time.perf_counter()
-    ref = st.encode(texts, batch_size=256, convert_to_numpy=True)
-    sync()
-    dt_st = time.perf_counter() - t
+    # The baseline's best of two passes: a single pass swung by up to 65% between H200 runs (passages: 1,200 vs
+    # 1,978 texts/s), and every ratio below divides by it; the faster pass keeps the ratios conservative.
+    times = []
+    for _ in range(2):
+        sync()
+        t = time.perf_counter()
+        ref = st.encode(texts, batch_size=256, convert_to_numpy=True)
+        sync()
+        times.append(time.perf_counter() - t)
+    dt_st = min(times)
     del st
     model = load_model(model_path, device=str(device))
     if device.type == "cuda":
@@ -120,7 +125,8 @@ def bench_capture(model_path: str, texts: list[str], device: torch.device, label
     lengths = tokens.lengths
     real = int(lengths.sum())
     seq = float((lengths.astype(np.float64) ** 2).sum() / max(real, 1))  # token-weighted attention length
-    rows.append(row("sentence-transformers encode (fp16, batch 256)", dt_st, real, seq))
+    rows.append(row("sentence-transformers encode (fp16, batch 256; best of 2 passes)", dt_st, real, seq,
+                    seconds_passes=[round(x, 3) for x in times]))
     variants = [("leafkd capture path (packed, bf16)", {"packed": True}),
                 ("leafkd capture path (padded, bf16)", {"packed": False})]
     if compile:
