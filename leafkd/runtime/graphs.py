@@ -97,10 +97,9 @@ def bucket_tokens(mean_tokens_per_batch: float, width: int) -> int:
 def bucket_rows(mean_tokens_per_batch: float, width: int) -> int:
     """Row-count bucket of batches packed into rows (`pack(rows=True)`): a power of two near 8% of a batch's rows.
 
-    A batch's row count varies with its texts (batch 1024 of MiniLM's training texts: ~108 rows of 256, give or
-    take 9), and every new count is a new shape: a compilation, cuDNN plans and a CUDA graph. Rounding up to a
-    multiple of this leaves a few shapes for ~4% of empty rows; without it an H200 run stalled for minutes
-    (eval/BENCHMARKS.md, H200 run 3)."""
+    A batch's row count varies with its texts (batch 1024 of MiniLM's training texts: ~105-111 rows of 256), and
+    every new count is a new shape: cuDNN plans and a CUDA graph. Rounding up to a multiple of this leaves a few
+    shapes for ~4% of empty rows; without it an H200 run stalled for minutes (eval/BENCHMARKS.md, H200 run 3)."""
     rows = mean_tokens_per_batch / max(width, 1)
     b = 1
     while b * 2 <= 0.08 * rows:
