@@ -30,8 +30,8 @@ def json_lines(texts: list[str]) -> str:
     """One JSON string a line, as ``json.dumps(t, ensure_ascii=False)`` writes each text.
 
     One encoder call for the whole list (a JSON string never holds a raw newline, so the separator splits it
-    exactly): ~6x faster than a call per text, and it holds the GIL that long while the capture's main thread
-    waits to launch the next batch.
+    exactly): half the time of a call per text (52k short texts: 59 vs 109 ms on a 2-core VM), time in which the
+    shard writer holds the GIL while the capture's main thread waits to launch the next batch.
     """
     if not texts:
         return ""

@@ -74,7 +74,7 @@ class _ShardEncoder:
 
 def _check_finite(vecs: np.ndarray) -> None:
     # float16 rows (every shard): a value is inf or NaN exactly when its five exponent bits are all set; the bit
-    # test is ~10x faster than np.isfinite, which widens each float16 in software.
+    # test takes half the time of np.isfinite, which widens each float16 (52k x 768: 49 vs 96 ms on a 2-core VM).
     if vecs.dtype == np.float16:
         bad = bool(((np.ascontiguousarray(vecs).view(np.uint16) & 0x7C00) == 0x7C00).any())
     else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from leafkd.modules import is_mean_pooling
+from leafkd.runtime.packed import mpnet_relative_bias
 
 
 @dataclass
@@ -93,16 +94,13 @@ def _position_bias_on_device(auto: torch.nn.Module) -> None:
     if not hasattr(encoder, "relative_position_bucket") or not hasattr(encoder, "relative_attention_bias"):
         return
 
+    own = type(encoder).compute_position_bias
+
     def compute_position_bias(x: torch.Tensor, position_ids: torch.Tensor | None = None,
                               num_buckets: int = 32) -> torch.Tensor:
-        bsz, qlen = x.size(0), x.size(1)
-        if position_ids is not None:
-            context, memory = position_ids[:, :, None], position_ids[:, None, :]
-        else:
-            positions = torch.arange(qlen, dtype=torch.long, device=x.device)
-            context, memory = positions[:, None], positions[None, :]
-        bucket = encoder.relative_position_bucket(memory - context, num_buckets=num_buckets)
-        values = encoder.relative_attention_bias(bucket).permute([2, 0, 1]).unsqueeze(0)
-        return values.expand((bsz, -1, qlen, qlen)).contiguous()
+        if position_ids is not None or num_buckets != encoder.relative_attention_bias.num_embeddings:
+            return own(encoder, x, position_ids, num_buckets)  # not what MPNetEncoder.forward asks for
+        bias = mpnet_relative_bias(encoder, torch.arange(x.size(1), device=x.device))  # [H, L, L]
+        return bias.unsqueeze(0).expand(x.size(0), -1, -1, -1).contiguous()
 
     encoder.compute_position_bias = compute_position_bias

@@ -26,6 +26,7 @@ the model's own forward otherwise.
 from __future__ import annotations
 
 import contextlib
+import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -123,11 +124,9 @@ def place_in_rows(lengths: np.ndarray, width: int) -> tuple[np.ndarray, int]:
     """Where each text starts when texts are bin-packed into rows of `width` tokens, and how many rows.
 
     Worst fit decreasing: longest text first, each into the row with the most room left (a new row when none has
-    enough); no text is split. For many short texts the rows end up nearly full (about 1% filler at MiniLM's
-    lengths and batch 1024).
+    enough); no text is split. For many short texts the rows end up nearly full (batches of 1,024 training-mix
+    texts in rows of 256: 0.6% filler on average, 1.1% at most over 50 batches; ~1.3 ms a batch).
     """
-    import heapq
-
     starts = np.empty(len(lengths), dtype=np.int64)
     rooms: list[tuple[int, int]] = []  # (-room left, row): a max-heap on the room
     n_rows = 0
@@ -208,6 +207,17 @@ def _pack_rows(tokens: Tokenized, index: np.ndarray, bucket: int, width: int, fi
     return Packed(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(bounds),
                   torch.from_numpy(pad_index), torch.from_numpy(lengths.astype(np.float32)),
                   torch.from_numpy(seq_ids), max_len, max_len)
+
+
+def mpnet_relative_bias(encoder: Any, positions: torch.Tensor) -> torch.Tensor:
+    """MPNet's relative position bias for queries and keys at `positions` [..., L] (on their device): [..., H, L, L].
+
+    The relative positions are built from `positions` itself, never on the CPU, so the bias can be captured in a
+    CUDA graph; the values are the encoder's own (its bucketing and its bias table).
+    """
+    relative = positions[..., None, :] - positions[..., :, None]  # key position - query position
+    bucket = encoder.relative_position_bucket(relative, num_buckets=encoder.relative_attention_bias.num_embeddings)
+    return encoder.relative_attention_bias(bucket).movedim(-1, -3)
 
 
 def unsupported_reason(model: SentenceTransformer) -> str | None:
@@ -307,11 +317,8 @@ class PackedForward(nn.Module):
     def _position_bias(self, p: Packed, dtype: torch.dtype) -> torch.Tensor | None:
         if self.arch != "mpnet":
             return None
-        enc = self.auto.encoder
         pos = torch.arange(p.max_len, device=p.ids.device)
-        bucket = enc.relative_position_bucket(pos[None, :] - pos[:, None],
-                                              num_buckets=enc.relative_attention_bias.num_embeddings)
-        return enc.relative_attention_bias(bucket).permute(2, 0, 1).unsqueeze(0).to(dtype)  # [1, H, L, L]
+        return mpnet_relative_bias(self.auto.encoder, pos).unsqueeze(0).to(dtype)  # [1, H, L, L]
 
     def _attention_kind(self, x: torch.Tensor, p: Packed | None = None) -> Attention:
         if p is not None and p.row_width:
@@ -337,11 +344,7 @@ class PackedForward(nn.Module):
         same = (text[:, :, None] == text[:, None, :])[:, None]
         if self.arch != "mpnet":
             return same
-        enc = self.auto.encoder
-        pos = p.positions.view(-1, p.row_width)
-        bucket = enc.relative_position_bucket(pos[:, None, :] - pos[:, :, None],
-                                              num_buckets=enc.relative_attention_bias.num_embeddings)
-        bias = enc.relative_attention_bias(bucket).permute(0, 3, 1, 2).to(dtype)  # [R, H, W, W]
+        bias = mpnet_relative_bias(self.auto.encoder, p.positions.view(-1, p.row_width)).to(dtype)  # [R, H, W, W]
         return bias.masked_fill(~same, float("-inf"))
 
     def _row_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Packed, mask: torch.Tensor,

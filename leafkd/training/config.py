@@ -45,6 +45,11 @@ class TriState(Choice):
     FALSE = "false"
 
 
+# Row attention needs packed batches: said where the configuration refuses it and where the student does.
+ROWS_NEED_PACKED = ("--packed-attention rows: needs packed batches (--packed auto or true, a BERT or MPNet student "
+                    "with mean pooling)")
+
+
 class PackedAttention(Choice):
     """How packed training lays out a batch's texts for attention (leafkd.runtime.packed)."""
 
@@ -329,8 +334,7 @@ def _validate_bank_and_adaptation(cfg: TrainConfig) -> None:
         raise LeafkdError("--adapt cannot be combined with --teacher-vectors (rows must match the texts of --data)")
     if cfg.packed_attention == PackedAttention.ROWS and (cfg.packed == TriState.FALSE
                                                          or cfg.student_kind == StudentKind.STATIC):
-        raise LeafkdError("--packed-attention rows: needs packed batches (--packed auto or true, a BERT or MPNet "
-                          "student with mean pooling)")
+        raise LeafkdError(ROWS_NEED_PACKED)
 
 
 def _validate_student(cfg: TrainConfig) -> None:

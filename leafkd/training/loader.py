@@ -30,8 +30,7 @@ class BatchLoader:
                  device: torch.device, graph_shapes: dict[str, Any] | None = None, global_keys: bool = False,
                  on_new_epoch: Callable[[], None] | None = None):
         self.sampler, self.tokens, self.packed, self.pad_id, self.device = sampler, tokens, packed, pad_id, device
-        self.graph_shapes = graph_shapes or {}  # `pack`'s layout: fixed shapes for CUDA graphs (bucket, width,
-        # filler id), rows
+        self.graph_shapes = graph_shapes or {}  # `pack`'s layout: bucket, width, filler id, rows
         self.global_keys = global_keys  # distributed in-batch relations span the whole global batch
         self.on_new_epoch = on_new_epoch  # a selection refresh takes effect at an epoch boundary
 

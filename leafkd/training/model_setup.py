@@ -17,7 +17,7 @@ from leafkd.runtime.devices import pick_device
 from leafkd.runtime.packed import PackedForward, unsupported_reason
 from leafkd.runtime.packed import supported as packed_supported
 from leafkd.student.build import build_student
-from leafkd.training.config import PackedAttention, StudentKind, TrainConfig, TriState
+from leafkd.training.config import ROWS_NEED_PACKED, PackedAttention, StudentKind, TrainConfig, TriState
 from leafkd.training.optim import set_dropout
 
 
@@ -79,8 +79,7 @@ def use_rows(cfg: TrainConfig, packed: bool) -> bool:
     if cfg.packed_attention != PackedAttention.ROWS:
         return False
     if not packed:
-        raise LeafkdError("--packed-attention rows: needs packed batches (--packed auto or true, a BERT or MPNet "
-                          "student with mean pooling)")
+        raise LeafkdError(ROWS_NEED_PACKED)
     return True
 
 
